@@ -625,6 +625,9 @@ def _columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
         ("tokens/s", "tokens_per_s", lambda v: _fmt(v, ",.0f")),
         ("pad eff.", "padding_efficiency", lambda v: _fmt(v, ".0%")),
         ("x floor", "x_floor", lambda v: _fmt(v, ".2f", "x")),
+        ("MFU", "mfu", lambda v: _fmt(v, ".0%")),
+        ("host (s)", "host_s", lambda v: _fmt(v, ".4f")),
+        ("GPU (s)", "gpu_s", lambda v: _fmt(v, ".4f")),
         ("peak mem (GiB)", "peak_mem_bytes", lambda v: _fmt(v, ".2f", scale=2.0**-30)),
         ("compile (s)", "compile_s", lambda v: _fmt(v, ".1f")),
     ]
@@ -672,6 +675,9 @@ def _footer(report: dict) -> list[str]:
         primary = "unsorted" if any("unsorted" in s for s in setups) else "sorted"
         lines.append(f"Times: mean ± std (population) over the last {min(LAST_N, runs)} of {runs} runs. "
                      f"Speedup vs {base['name']}, pairs/s and x floor use {primary} inputs.")
+    if any(s.get("host_s") is not None for s in setups):
+        lines.append("host (s): tokenize + pack, GPU (s): forward kernels, both of the last timed call; "
+                     "on a GPU the two overlap, so their sum exceeds the wall time when that works.")
     if any(not s.get("complete", True) for s in setups):
         lines.append("* interrupted: fewer runs than planned.")
     if not report.get("complete", False):

@@ -46,6 +46,7 @@ BUCKET_MULTIPLE = 16
 # static compile or a CUDA graph per shape can meet to max_tokens_per_batch / TOKEN_MULTIPLE.
 TOKEN_MULTIPLE = 256
 PACKED_MODEL_TYPES = ("xlm-roberta", "roberta")
+ROBERTA_POSITION_TYPES = ("xlm-roberta", "roberta", "camembert", "xlm-roberta-xl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +264,8 @@ class DynamicCrossEncoder(CrossEncoder):
     ):
         _check_int("bucket_multiple", bucket_multiple)
         device = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        max_tokens_per_batch = max_tokens_per_batch or (16384 if device.type == "cuda" else 2048)
+        if max_tokens_per_batch is None:
+            max_tokens_per_batch = 16384 if device.type == "cuda" else 2048
         _check_int("max_tokens_per_batch", max_tokens_per_batch)
         max_length = kwargs.get("max_length")
         if max_length is not None:
@@ -293,7 +295,8 @@ class DynamicCrossEncoder(CrossEncoder):
         self.last_timings: dict = {}
         self.compile_seconds = 0.0
         self._lock = threading.RLock()
-        self._graphs_after_warmup: int | None = None
+        self.compiles = 0  # graphs compiled by this instance's calls
+        self._compiles_after_warmup: int | None = None
         self._warned_recompiles = 0
 
         if packed and (reason := packed_unsupported_reason(self.model)):
@@ -313,9 +316,11 @@ class DynamicCrossEncoder(CrossEncoder):
 
     @property
     def position_limit(self) -> int:
-        """Longest sequence the position table holds (XLM-R: max_position_embeddings - padding_idx - 1)."""
+        """Longest sequence the position table holds: RoBERTa-style models start positions at
+        padding_idx + 1 (1024 of XLM-R's 1026), BERT-style ones at 0."""
         config = self.model.config
-        return config.max_position_embeddings - (config.pad_token_id or 0) - 1
+        offset = (config.pad_token_id or 0) + 1 if config.model_type in ROBERTA_POSITION_TYPES else 0
+        return config.max_position_embeddings - offset
 
     def describe(self) -> str:
         how = f"compiled (mode={self.compile_mode}, dynamic={self.dynamic})" if self.compile_enabled else "eager"
@@ -396,7 +401,7 @@ class DynamicCrossEncoder(CrossEncoder):
             self.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
         _sync(self.device)
         self.compile_seconds = time.perf_counter() - start
-        self._graphs_after_warmup = compile_count()
+        self._compiles_after_warmup = self.compiles
         self._warned_recompiles = 0
         return self.compile_seconds
 
@@ -416,7 +421,7 @@ class DynamicCrossEncoder(CrossEncoder):
             ids = np.full((1, length), tok.unk_token_id, dtype=np.int64)
             ids[0, 0] = tok.cls_token_id
             batch = pack_batch(ids, np.array([length]), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
-            self._logits(*batch.views(batch.buffer.to(self.device)))
+            self._compiled_call(*batch.views(batch.buffer.to(self.device)))
         else:
             rows, width = shape
             batch = np.ones((2, rows, width), dtype=np.int64)
@@ -560,7 +565,7 @@ class DynamicCrossEncoder(CrossEncoder):
 
     def _packed_call(self, batch: PackedBatch, timings) -> torch.Tensor:
         dev = batch.buffer.to(self.device, non_blocking=True)  # one copy, from pinned memory on CUDA
-        logits = self._logits(*batch.views(dev))[: batch.num_seqs]
+        logits = self._compiled_call(*batch.views(dev))[: batch.num_seqs]
         timings["real_tokens"] += batch.real_tokens
         timings["padded_tokens"] += batch.tokens
         return logits
@@ -569,15 +574,23 @@ class DynamicCrossEncoder(CrossEncoder):
         """batch: (2, batch, width) int64 = input_ids, attention_mask -> logits (batch, labels)."""
         host = torch.from_numpy(np.ascontiguousarray(batch))
         dev = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
-        logits = self._logits(dev[0], dev[1])
+        logits = self._compiled_call(dev[0], dev[1])
         timings["real_tokens"] += int(batch[1].sum())
         timings["padded_tokens"] += batch[1].size
         return logits
 
+    def _compiled_call(self, *args) -> torch.Tensor:
+        # dynamo's counter is process-wide; what it gains during our own call (under our lock)
+        # is ours, so other instances compiling do not count here.
+        before = compile_count()
+        out = self._logits(*args)
+        self.compiles += compile_count() - before
+        return out
+
     def _check_recompiles(self):
-        if self._graphs_after_warmup is None or not self.compile_enabled:
+        if self._compiles_after_warmup is None or not self.compile_enabled:
             return
-        extra = compile_count() - self._graphs_after_warmup
+        extra = self.compiles - self._compiles_after_warmup
         if extra > self._warned_recompiles:
             self._warned_recompiles = extra
             warnings.warn(f"{extra} graph compile(s) after warm-up (expected 0): inputs hit shapes the warm-up did not", stacklevel=4)

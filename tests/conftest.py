@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny synthetic twin (2 layers, hidden 32) built once per test session.
 
-The tests never use the network and write nothing under the user's home: the model cache,
-and the copy of remote code that transformers makes, live in temporary directories.
-Set before transformers and huggingface_hub are imported, since both read them at import.
+The tests never use the network and write nothing under the user's home: the model cache
+(FAST_RERANK_CACHE) and the copy of remote code that transformers makes (HF_MODULES_CACHE)
+live in a temporary directory. They are set here, at import, before any test module is
+collected and before transformers and huggingface_hub read them.
 """
 
 import atexit
@@ -14,21 +15,15 @@ import pytest
 
 _SCRATCH = tempfile.mkdtemp(prefix="fast-rerank-tests-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
-os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["FAST_RERANK_CACHE"] = os.path.join(_SCRATCH, "cache")
 os.environ["HF_MODULES_CACHE"] = os.path.join(_SCRATCH, "hf-modules")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def model_cache(tmp_path_factory):
-    """FAST_RERANK_CACHE for the whole session, so synthetic_dir() builds into a temp dir."""
-    old = os.environ.get("FAST_RERANK_CACHE")
-    cache = tmp_path_factory.mktemp("fast-rerank-cache")
-    os.environ["FAST_RERANK_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("FAST_RERANK_CACHE", None)
-    else:
-        os.environ["FAST_RERANK_CACHE"] = old
+@pytest.fixture(scope="session")
+def model_cache() -> str:
+    """The session's FAST_RERANK_CACHE, where synthetic_dir() builds."""
+    return os.environ["FAST_RERANK_CACHE"]
 
 
 @pytest.fixture(scope="session")

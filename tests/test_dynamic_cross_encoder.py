@@ -1,0 +1,234 @@
+"""dynamic_cross_encoder.py, padded path: bucket math, batch plans, padding, tokenization, order,
+and fp32 logits equal to sentence-transformers' CrossEncoder (eager and compiled).
+
+Scores are compared as logits (activation Identity): the sigmoid of a random-weight model's
+logits sits near 0.5 for every input and would hide differences. fp32 with the same weights
+differs from the reference only by summation order (~1e-7 relative), so 1e-5 absolute is a real
+check as long as the reference logits themselves spread much wider than that (asserted).
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import data
+from dynamic_cross_encoder import DynamicCrossEncoder, bucket_length, plan_token_batches, token_buckets
+
+IDENTITY = torch.nn.Identity()
+TOL = 1e-5  # fp32, same weights: only summation order differs
+LONG_TEXT = " ".join(data.SENTENCES[:120])  # ~1300 tokens: truncated at any max_length here
+
+# Mixed on purpose: empty texts, one word, truncated at max_length from either side, duplicates.
+EDGE_PAIRS = [
+    ["", ""],
+    ["lorem", ""],
+    ["", "ipsum"],
+    ["lorem", "ipsum"],
+    [LONG_TEXT, "dolor sit amet"],
+    ["dolor sit amet", LONG_TEXT],
+    [LONG_TEXT, LONG_TEXT[::-1]],
+    ["lorem", "ipsum"],
+]
+
+
+def workload(n: int = 40, seed: int = 0) -> list[list[str]]:
+    return data.load_pairs(n, seed=seed, min_sentences=1, max_sentences=12) + EDGE_PAIRS
+
+
+def assert_same_logits(out, ref, tol: float = TOL):
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape
+    # Without spread in the reference, a 1e-5 tolerance would pass a model that ignores its input.
+    assert ref.std() > 1e-3, f"reference logits barely vary (std {ref.std():.2e}); the comparison proves nothing"
+    diff = np.abs(out - ref).max()
+    assert diff <= tol, f"max |logit diff| {diff:.2e} > {tol:.0e}"
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model_dir):
+    return DynamicCrossEncoder(tiny_model_dir, compile=False, device="cpu", local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model_dir):
+    return DynamicCrossEncoder(tiny_model_dir, compile=True, device="cpu", local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cross_encoder):
+    pairs = workload()
+    return pairs, tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY, batch_size=8)
+
+
+# ---- bucket math and batch plans -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("length, expected", [(1, 16), (16, 16), (17, 32), (0, 16), (31, 32), (32, 32), (513, 528)])
+def test_bucket_length(length, expected):
+    assert bucket_length(length) == expected
+
+
+@pytest.mark.parametrize("length, multiple, expected", [(1, 8, 8), (9, 8, 16), (300, 256, 512), (256, 256, 256)])
+def test_bucket_length_other_multiples(length, multiple, expected):
+    assert bucket_length(length, multiple) == expected
+
+
+@pytest.mark.parametrize(
+    "budget, max_len, expected",
+    [
+        (512, 64, [256, 512]),
+        (512, 512, [256, 512]),
+        (300, 64, [256, 512]),
+        (256, 1024, [256, 512, 768, 1024]),
+        (2048, 512, list(range(256, 2049, 256))),
+    ],
+)
+def test_token_buckets(budget, max_len, expected):
+    buckets = token_buckets(budget, max_len)
+    assert buckets == expected
+    # every batch the packed path can build fits a bucket: a full budget, or one max-length pair
+    assert buckets[-1] >= max(budget, max_len)
+
+
+def check_plan(lengths, max_tokens, max_seqs, plan):
+    """Invariants of a plan: in order, every index once, caps respected, greedy."""
+    assert [i for lo, hi in plan for i in range(lo, hi)] == list(range(len(lengths)))
+    for k, (lo, hi) in enumerate(plan):
+        assert 1 <= hi - lo <= max_seqs
+        total = sum(lengths[lo:hi])
+        assert total <= max_tokens or hi - lo == 1, f"batch {lo}:{hi} has {total} tokens > {max_tokens}"
+        if hi < len(lengths):  # greedy: the next sequence did not fit
+            assert total + lengths[hi] > max_tokens or hi - lo == max_seqs
+
+
+@pytest.mark.parametrize(
+    "lengths, max_tokens, max_seqs, expected",
+    [
+        ([], 100, 4, []),
+        ([10, 10, 10], 100, 4, [(0, 3)]),
+        ([10, 10, 10, 10, 10], 100, 2, [(0, 2), (2, 4), (4, 5)]),  # batch_size cap
+        ([60, 50, 40, 30], 100, 8, [(0, 1), (1, 3), (3, 4)]),  # token budget
+        ([50, 50, 50], 100, 8, [(0, 2), (2, 3)]),  # exactly at the budget
+        ([300, 20, 20], 64, 8, [(0, 1), (1, 3)]),  # one sequence over budget runs alone
+        ([20, 300, 20], 64, 8, [(0, 1), (1, 2), (2, 3)]),
+        ([5, 500, 600], 64, 8, [(0, 1), (1, 2), (2, 3)]),
+    ],
+)
+def test_plan_token_batches(lengths, max_tokens, max_seqs, expected):
+    plan = plan_token_batches(np.array(lengths, dtype=np.int64), max_tokens, max_seqs)
+    assert plan == expected
+    check_plan(lengths, max_tokens, max_seqs, plan)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 600), max_size=60), st.integers(16, 1024), st.integers(1, 16))
+def test_plan_token_batches_properties(lengths, max_tokens, max_seqs):
+    check_plan(lengths, max_tokens, max_seqs, plan_token_batches(np.array(lengths, dtype=np.int64), max_tokens, max_seqs))
+
+
+# ---- padding and tokenization --------------------------------------------------------------
+
+
+def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
+    pairs = workload(30, seed=1)
+    ids, lengths = eager._tokenize(pairs)
+    pad_id = eager.tokenizer.pad_token_id
+    seen = []
+    original = eager._logits
+
+    def recording(input_ids, attention_mask):
+        seen.append((input_ids.clone(), attention_mask.clone()))
+        return original(input_ids, attention_mask)
+
+    monkeypatch.setattr(eager, "_logits", recording)
+    eager.predict(pairs, batch_size=8)
+
+    assert len(seen) == -(-len(pairs) // 8)
+    real_rows = []
+    for input_ids, mask in seen:
+        rows, width = input_ids.shape
+        assert mask.shape == (rows, width) and rows <= 8
+        assert width % 16 == 0
+        row_len = mask.sum(1)
+        assert width == bucket_length(int(row_len.max())), "padded past the smallest bucket"
+        # the mask is a right-aligned prefix of ones: no gaps, no left padding
+        assert torch.equal(mask.bool(), torch.arange(width)[None, :] < row_len[:, None])
+        assert torch.all(input_ids[mask == 0] == pad_id)
+        assert torch.all(input_ids[:, 0] == eager.tokenizer.cls_token_id)
+        real_rows += [tuple(r[:n].tolist()) for r, n in zip(input_ids, row_len)]
+    # every tokenized pair went through exactly once (sorting only reorders)
+    assert sorted(real_rows) == sorted(tuple(r[:n].tolist()) for r, n in zip(ids, lengths))
+    assert eager.last_timings["padded_tokens"] == sum(m.numel() for _, m in seen)
+    assert eager.last_timings["real_tokens"] == int(lengths.sum())
+    assert eager.last_timings["batches"] == len(seen)
+
+
+def test_tokenization_equals_cross_encoder(eager, tiny_cross_encoder):
+    ce = tiny_cross_encoder
+    assert eager.max_seq_length == ce.max_seq_length
+    pairs = workload(20, seed=2)
+    ids, lengths = eager._tokenize(pairs)
+    enc = ce.preprocess(pairs)
+    ref_lengths = enc["attention_mask"].sum(1).numpy()
+    assert lengths.tolist() == ref_lengths.tolist()
+    for row, ref_row, n in zip(ids, enc["input_ids"].numpy(), lengths):
+        assert row[:n].tolist() == ref_row[:n].tolist()
+    # the workload does exercise truncation and empty texts
+    assert lengths.max() == ce.max_seq_length
+    assert lengths.min() == 4  # <s></s></s></s>: both texts empty
+
+
+# ---- scores --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_logits_equal_cross_encoder(compile, eager, compiled, reference):
+    model = compiled if compile else eager
+    pairs, ref = reference
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+
+
+def test_default_activation_equals_cross_encoder(eager, tiny_cross_encoder):
+    pairs = workload(10, seed=3)
+    out = eager.predict(pairs, batch_size=4)
+    ref = tiny_cross_encoder.predict(pairs, batch_size=4)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=TOL)
+
+
+def test_order_restored_for_shuffled_inputs(eager, reference):
+    pairs, ref = reference
+    perm = np.random.default_rng(0).permutation(len(pairs))
+    shuffled = [pairs[i] for i in perm]
+    out = eager.predict(shuffled, activation_fn=IDENTITY, batch_size=8)
+    assert_same_logits(out, eager.predict(pairs, activation_fn=IDENTITY, batch_size=8)[perm])
+    assert_same_logits(out, ref[perm])
+
+
+def test_batch_size_does_not_change_scores(eager, reference):
+    pairs, ref = reference
+    for batch_size in (1, 3, 64):
+        assert_same_logits(eager.predict(pairs, activation_fn=IDENTITY, batch_size=batch_size), ref)
+
+
+def test_output_types_follow_cross_encoder(eager, tiny_cross_encoder):
+    pairs = workload(3, seed=4)
+    assert isinstance(eager.predict(pairs, convert_to_tensor=True), torch.Tensor)
+    as_list = eager.predict(pairs, convert_to_numpy=False)
+    ref_list = tiny_cross_encoder.predict(pairs, convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == len(ref_list) == len(pairs)
+
+
+def test_random_words_pairs_cover_bucket_edges(eager, tiny_cross_encoder):
+    # lengths around bucket edges (15, 16, 17 tokens, ...) are where off-by-one padding shows
+    rng = random.Random(5)
+    words = lambda: " ".join(rng.choices(data.WORDS, k=rng.randint(0, 40)))  # noqa: E731
+    pairs = [[words(), words()] for _ in range(60)]
+    _, lengths = eager._tokenize(pairs)
+    assert len({int(n) % 16 for n in lengths}) >= 10
+    ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY, batch_size=5)
+    assert_same_logits(eager.predict(pairs, activation_fn=IDENTITY, batch_size=5), ref)

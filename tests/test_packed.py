@@ -1,0 +1,277 @@
+"""dynamic_cross_encoder.py, packed path: packing, variable-length attention backends, fp32 logits
+equal to CrossEncoder, the token budget, and no recompiles after warm-up (padded and packed).
+
+Logits (activation Identity) are compared at 1e-5: fp32 with the same weights differs from the
+reference only by summation order; the reference must spread much wider than that (asserted).
+"""
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
+
+import data
+from dynamic_cross_encoder import (
+    ATTENTION_BACKENDS,
+    DynamicCrossEncoder,
+    available_attention_backends,
+    compile_count,
+    pack_batch,
+)
+
+IDENTITY = torch.nn.Identity()
+TOL = 1e-5  # fp32, same weights: only summation order differs
+CPU_BACKENDS = available_attention_backends(torch.device("cpu"))
+LONG_TEXT = " ".join(data.SENTENCES[:120])  # ~1300 tokens: truncated at any max_length here
+EDGE_PAIRS = [
+    ["", ""],
+    ["lorem", ""],
+    ["", "ipsum"],
+    ["lorem", "ipsum"],
+    [LONG_TEXT, "dolor sit amet"],
+    ["dolor sit amet", LONG_TEXT],
+    [LONG_TEXT, LONG_TEXT[::-1]],
+    ["lorem", "ipsum"],
+]
+
+
+def workload(n: int = 40, seed: int = 0) -> list[list[str]]:
+    return data.load_pairs(n, seed=seed, min_sentences=1, max_sentences=12) + EDGE_PAIRS
+
+
+def assert_same_logits(out, ref, tol: float = TOL):
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape
+    # Without spread in the reference, a 1e-5 tolerance would pass a model that ignores its input.
+    assert ref.std() > 1e-3, f"reference logits barely vary (std {ref.std():.2e}); the comparison proves nothing"
+    diff = np.abs(out - ref).max()
+    assert diff <= tol, f"max |logit diff| {diff:.2e} > {tol:.0e}"
+
+
+@pytest.fixture(scope="module")
+def packed_model(tiny_model_dir):
+    """packed_model(backend, compile, **kwargs) -> DynamicCrossEncoder, built once per module."""
+    cache = {}
+
+    def get(backend=None, compile=False, **kwargs):
+        key = (backend, compile, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = DynamicCrossEncoder(tiny_model_dir, packed=True, compile=compile, attention_backend=backend,
+                                             device="cpu", local_files_only=True, **kwargs)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cross_encoder):
+    pairs = workload(24)
+    perm = np.random.default_rng(0).permutation(len(pairs))
+    pairs = [pairs[i] for i in perm]  # shuffled: the packed path sorts, the caller's order must come back
+    return pairs, tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY, batch_size=8)
+
+
+# ---- pack_batch ----------------------------------------------------------------------------
+
+
+def padded_ids(lengths, pad_id=1, seed=0):
+    """(batch, max_len) right-padded ids; real ids never equal pad_id."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((len(lengths), max(lengths)), pad_id, dtype=np.int64)
+    for row, n in zip(ids, lengths):
+        row[:n] = rng.integers(3, 1000, size=n)
+    return ids, np.array(lengths, dtype=np.int64)
+
+
+def test_pack_batch_layout():
+    ids, lengths = padded_ids([5, 1, 3])
+    batch = pack_batch(ids, lengths, tokens=16, max_seqs=5, pad_id=1, pin=False)
+    flat, pos, cu, cls = batch.views()
+    assert [v.dtype for v in (flat, pos, cu, cls)] == [torch.int32] * 4
+    assert [v.shape[0] for v in (flat, pos, cu, cls)] == [16, 16, 5 + 2, 5]
+    assert (batch.tokens, batch.max_seqs, batch.num_seqs, batch.real_tokens) == (16, 5, 3, 9)
+    assert flat[:9].tolist() == ids[0, :5].tolist() + ids[1, :1].tolist() + ids[2, :3].tolist()
+    assert flat[9:].tolist() == [1] * 7  # pad tail
+    assert pos.tolist() == [2, 3, 4, 5, 6, 2, 2, 3, 4] + [1] * 7
+    assert cu.tolist() == [0, 5, 6, 9, 16, 16, 16]  # starts, end of the pad tail, unused slots repeat it
+    assert cls.tolist() == [0, 5, 6, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "lengths, tokens, max_seqs",
+    [([7, 1, 12, 3, 30], 64, 8), ([16, 16], 32, 2), ([1], 256, 32), ([200, 3, 50], 256, 3)],
+)
+def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
+    pad_id = 1
+    ids, lengths = padded_ids(lengths, pad_id, seed=len(lengths))
+    batch = pack_batch(ids, lengths, tokens=tokens, max_seqs=max_seqs, pad_id=pad_id, pin=False)
+    flat, pos, cu, cls = (v.long() for v in batch.views())
+    mask = torch.from_numpy(np.arange(ids.shape[1])[None, :] < lengths[:, None])
+    ref_pos = XLMRobertaEmbeddings.create_position_ids_from_input_ids(torch.from_numpy(ids), pad_id)
+    real = int(lengths.sum())
+    assert torch.equal(pos[:real], ref_pos[mask])
+    assert torch.equal(flat[:real], torch.from_numpy(ids)[mask])
+    assert torch.all(flat[real:] == pad_id) and torch.all(pos[real:] == pad_id)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    assert cu.tolist() == starts.tolist() + [tokens] * (max_seqs + 1 - len(lengths))
+    assert cls.tolist() == starts[:-1].tolist() + [0] * (max_seqs - len(lengths))
+    assert torch.all(flat[cls[: len(lengths)]] == torch.from_numpy(ids[:, 0]))
+
+
+def test_pack_batch_raises_on_overflow():
+    ids, lengths = padded_ids([10, 10, 10])
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_batch(ids, lengths, tokens=29, max_seqs=8, pad_id=1, pin=False)  # too many tokens
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_batch(ids, lengths, tokens=64, max_seqs=2, pad_id=1, pin=False)  # too many sequences
+    full = pack_batch(ids, lengths, tokens=30, max_seqs=3, pad_id=1, pin=False)  # exactly full: no pad tail
+    assert full.views()[2].tolist() == [0, 10, 20, 30, 30]
+
+
+# ---- attention backends --------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, cu, scale):
+    """Each [cu[i], cu[i+1]) segment attends only to itself; plain SDPA per segment."""
+    out = torch.zeros_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if b > a:
+            seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # (heads, len, dim)
+            out[a:b] = F.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "cu",
+    [
+        [0, 7, 7, 8, 20, 20, 23, 40, 40, 40],  # zero-length and length-1 sequences, pad tail, unused slots
+        [0, 1, 2, 3, 32, 32],  # length-1 sequences, no pad tail
+        [0, 32, 32],  # one sequence
+    ],
+    ids=["mixed", "ones", "single"],
+)
+def test_attention_backend_equals_per_sequence_sdpa(backend, cu):
+    gen = torch.Generator().manual_seed(0)
+    tokens, heads, dim = cu[-1], 2, 8
+    q, k, v = (torch.randn(tokens, heads, dim, generator=gen) * 2 for _ in range(3))
+    cu = torch.tensor(cu, dtype=torch.int32)
+    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    out = ATTENTION_BACKENDS[backend](q, k, v, cu, max_seqlen, 0.3)
+    ref = reference_attention(q, k, v, cu, 0.3)
+    assert out.shape == q.shape
+    assert ref.std() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_unknown_attention_backend_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        DynamicCrossEncoder(tiny_model_dir, packed=True, compile=False, attention_backend="flash_attn",
+                            device="cpu", local_files_only=True)
+
+
+# ---- packed scores -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_logits_equal_cross_encoder(backend, compile, packed_model, reference):
+    model = packed_model(backend, compile, max_tokens_per_batch=512)
+    assert model.packed and model.attention_backend == backend
+    pairs, ref = reference
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+    t = model.last_timings
+    assert t["real_tokens"] <= t["padded_tokens"] and t["padded_tokens"] % 256 == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pairs_longer_than_the_token_budget(backend, packed_model, tiny_cross_encoder, monkeypatch):
+    model = packed_model(backend, False, max_tokens_per_batch=64)
+    long_a = " ".join(data.SENTENCES[:18])
+    pairs = [["lorem", "ipsum"], [long_a, long_a[::-1]], ["dolor", ""], [long_a, "sit amet"], ["", ""]]
+    _, lengths = model._tokenize(pairs)
+    assert lengths.max() >= 300 and lengths.min() < 64
+    calls = []
+    original = model._logits
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(model, "_logits", counting)
+    ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+    assert len(calls) == model.last_timings["batches"] >= 3  # the two long pairs ran alone
+
+
+# ---- no recompiles after warm-up -----------------------------------------------------------
+
+
+def fresh_workloads():
+    rng = random.Random(7)
+    words = lambda k: " ".join(rng.choices(data.WORDS, k=k))  # noqa: E731
+    return [
+        data.load_pairs(20, seed=11, min_sentences=1, max_sentences=3),
+        data.load_pairs(13, seed=12, min_sentences=5, max_sentences=15),
+        [[words(rng.randint(0, 60)), words(rng.randint(0, 300))] for _ in range(8)],  # exactly batch_size
+        [["lorem", "ipsum"]],  # a single pair in a list
+        ["dolor sit", "amet"],  # a single pair
+        [[LONG_TEXT, LONG_TEXT]],  # at max_length
+        EDGE_PAIRS,
+    ]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
+    model = DynamicCrossEncoder(tiny_model_dir, packed=packed, compile=True, max_tokens_per_batch=512,
+                                device="cpu", local_files_only=True)
+    seconds = model.warmup(batch_size=8)
+    assert seconds > 0 and model.compile_seconds == seconds
+    before = compile_count()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for pairs in fresh_workloads():
+            out = model.predict(pairs, activation_fn=IDENTITY, batch_size=8)
+            ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
+            np.testing.assert_allclose(out, ref, rtol=0, atol=TOL)
+    assert compile_count() == before, f"{compile_count() - before} graph(s) compiled after warm-up"
+    assert not [w for w in caught if "after warm-up" in str(w.message)]
+
+
+@pytest.fixture(scope="module")
+def static_model(tiny_model_dir):
+    """Static graphs: one per (batch, width), so a width the warm-up did not see compiles again."""
+    return DynamicCrossEncoder(tiny_model_dir, compile=True, dynamic=False, max_length=64, device="cpu", local_files_only=True)
+
+
+SHORT = [["lorem", "ipsum"]] * 4  # one (4, 16) batch
+
+
+def recompile_warnings(model, pairs) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.predict(pairs, batch_size=4)
+    return [str(w.message) for w in caught if "after warm-up" in str(w.message)]
+
+
+def test_warning_when_a_graph_compiles_after_warmup(static_model):
+    static_model.warmup(SHORT, batch_size=4)
+    before = compile_count()
+    assert not recompile_warnings(static_model, SHORT)  # same shape again: no compile, no warning
+    longer = data.load_pairs(4, seed=3)  # width 32 or more
+    with pytest.warns(UserWarning, match=r"1 graph compile\(s\) after warm-up"):
+        static_model.predict(longer, batch_size=4)
+    assert compile_count() == before + 1
+    assert not recompile_warnings(static_model, longer)  # warned once for that graph, not on every call
+
+
+def test_no_warning_for_graphs_compiled_elsewhere(static_model):
+    # compiles by other code in the process (another instance, the user's own torch.compile) are
+    # not this instance's recompiles
+    static_model.warmup(SHORT, batch_size=4)
+    torch.compile(lambda x: x + 1)(torch.ones(2))
+    assert not recompile_warnings(static_model, SHORT)
