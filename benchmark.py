@@ -26,8 +26,8 @@ import models
 # A machine without a GPU runs the full-size model at a few hundred pairs per minute, so the
 # defaults shrink there (only values the user did not set) and the output says so.
 # The packed path's CPU attention materializes a (tokens, tokens) mask, hence the smaller budget.
-CPU_DEFAULTS = dict(num_pairs=16, runs=3, batch_size=16, num_queries=4, docs_per_query=16, max_tokens_per_batch=2048)
-GPU_DEFAULTS = dict(num_pairs=1024, runs=10, batch_size=64, num_queries=100, docs_per_query=100, max_tokens_per_batch=16384)
+CPU_DEFAULTS = dict(num_pairs=8, runs=3, warmup=1, batch_size=8, num_queries=4, docs_per_query=16, max_tokens_per_batch=2048)
+GPU_DEFAULTS = dict(num_pairs=1024, runs=10, warmup=10, batch_size=64, num_queries=100, docs_per_query=100, max_tokens_per_batch=16384)
 
 
 @dataclass
@@ -224,7 +224,7 @@ def run(cfg: bu.BenchConfig, setups_for: Callable[[bu.BenchConfig, str, torch.dt
                 extras["padding_efficiency"] = baseline_padding(lengths[0], pairs_of(timed[0]), cfg.batch_size)
             if setup.compiled:
                 t = model.last_timings
-                extras.update(host_s=t["tokenize_s"] + t["pack_s"], gpu_s=t["forward_s"], padding_efficiency=bu.padding_efficiency(t["real_tokens"], t["padded_tokens"]))
+                extras.update(host_s=t["tokenize_s"] + t["pack_s"], forward_s=t["forward_s"], padding_efficiency=bu.padding_efficiency(t["real_tokens"], t["padded_tokens"]))
             extras["peak_mem_bytes"] = bu.peak_memory(device)
             bu.add_setup(report, setup.name, baseline=setup.baseline, **{o: runs[o] for o in orders}, **extras)
             if cfg.json:

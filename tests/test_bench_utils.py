@@ -1,3 +1,4 @@
+import io
 import json
 import math
 import os
@@ -213,7 +214,7 @@ def test_measure_gemm_tflops_cpu_is_fast_and_labelled():
     g = bu.measure_gemm_tflops("cpu", "bfloat16")
     assert time.perf_counter() - t0 < 2.0
     assert g["dtype"] == "float32" and "CPU" in g["label"] and g["device"] == "cpu"
-    assert [(r["m"], r["k"], r["n"]) for r in g["shapes"]] == bu.model_gemm_shapes(256)
+    assert [(r["m"], r["k"], r["n"]) for r in g["shapes"]] == bu.model_gemm_shapes(1024)
     assert all(r["tflops"] > 0 for r in g["shapes"])
     total = sum(r["flops"] for r in g["shapes"]) / sum(r["seconds"] for r in g["shapes"]) / 1e12
     assert g["tflops"] == pytest.approx(total)
@@ -455,3 +456,18 @@ def test_cli_table_in_process(tmp_path, capsys):
     path = bu.write_json(rerank_report(), tmp_path / "r.json")
     assert bu.main(["--table", path]) == 0
     assert "p50 (ms)" in capsys.readouterr().out
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty, progress, shown", [(True, True, True), (True, False, False), (False, True, False)])
+def test_run_timed_progress_bar_only_on_a_terminal_unless_quiet(tty, progress, shown, monkeypatch):
+    err = _FakeTTY() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bu.run_timed("setup-x", lambda w: w, [1, 2, 3], device="cpu", warmup_calls=2, progress=progress)
+    text = err.getvalue()
+    assert ("setup-x:" in text and "/3 [" in text) is shown
+    assert ("warm-up" in text) is shown

@@ -205,7 +205,11 @@ def test_pairs_longer_than_the_token_budget(backend, packed_model, tiny_cross_en
     monkeypatch.setattr(model, "_logits", counting)
     ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
-    assert len(calls) == model.last_timings["batches"] >= 3  # the two long pairs ran alone
+    seqs = [1 + int(torch.count_nonzero(cls)) for *_, cls in calls]  # cls_index: 0, then the other starts
+    real = [int(cu[n]) for (_, _, cu, _), n in zip(calls, seqs)]
+    assert sum(seqs) == len(pairs) and len(calls) == model.last_timings["batches"]
+    assert all(r <= 64 or n == 1 for r, n in zip(real, seqs)), "a pair over the budget shared its batch"
+    assert sum(r > 64 for r in real) == 2
 
 
 # ---- no recompiles after warm-up -----------------------------------------------------------
@@ -231,7 +235,7 @@ def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
                                 device="cpu", local_files_only=True)
     seconds = model.warmup(batch_size=8)
     assert seconds > 0 and model.compile_seconds == seconds
-    before = compile_count()
+    before, own = compile_count(), model.compiles
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for pairs in fresh_workloads():
@@ -239,6 +243,7 @@ def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
             ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
             np.testing.assert_allclose(out, ref, rtol=0, atol=TOL)
     assert compile_count() == before, f"{compile_count() - before} graph(s) compiled after warm-up"
+    assert model.compiles == own
     assert not [w for w in caught if "after warm-up" in str(w.message)]
 
 
@@ -260,12 +265,12 @@ def recompile_warnings(model, pairs) -> list[str]:
 
 def test_warning_when_a_graph_compiles_after_warmup(static_model):
     static_model.warmup(SHORT, batch_size=4)
-    before = compile_count()
+    before, own = compile_count(), static_model.compiles
     assert not recompile_warnings(static_model, SHORT)  # same shape again: no compile, no warning
     longer = data.load_pairs(4, seed=3)  # width 32 or more
     with pytest.warns(UserWarning, match=r"1 graph compile\(s\) after warm-up"):
         static_model.predict(longer, batch_size=4)
-    assert compile_count() == before + 1
+    assert compile_count() == before + 1 and static_model.compiles == own + 1
     assert not recompile_warnings(static_model, longer)  # warned once for that graph, not on every call
 
 
@@ -273,5 +278,7 @@ def test_no_warning_for_graphs_compiled_elsewhere(static_model):
     # compiles by other code in the process (another instance, the user's own torch.compile) are
     # not this instance's recompiles
     static_model.warmup(SHORT, batch_size=4)
+    own = static_model.compiles
     torch.compile(lambda x: x + 1)(torch.ones(2))
     assert not recompile_warnings(static_model, SHORT)
+    assert static_model.compiles == own

@@ -197,9 +197,9 @@ ANCHORS = [["lorem", ""], [" ".join(data.WORDS[:40]), "dolor"], ["", ""]]  # log
 def test_any_workload_matches_cross_encoder(models_64, ce_64, base, picks, rng):
     pairs = [list(base[i % len(base)]) for i in picks] + ANCHORS  # duplicates on purpose
     rng.shuffle(pairs)
-    ref = ce_64.predict(pairs, activation_fn=IDENTITY, batch_size=4)
+    ref = ce_64.predict(pairs, activation_fn=IDENTITY, batch_size=8)
     for name, model in models_64.items():
-        out = model.predict(pairs, activation_fn=IDENTITY, batch_size=4)
+        out = model.predict(pairs, activation_fn=IDENTITY, batch_size=8)
         assert_same_logits(out, ref, what=name)
 
 
