@@ -12,6 +12,13 @@ import shutil
 import tempfile
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run (a failure there is reproducible, never a lucky draw);
+# locally hypothesis explores new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _SCRATCH = tempfile.mkdtemp(prefix="fast-rerank-tests-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
