@@ -751,6 +751,9 @@ def write_json(report: dict, path: str | os.PathLike) -> str:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a report is for everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -337,7 +337,10 @@ class DynamicCrossEncoder(CrossEncoder):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().clone()
 
     def _packed_logits(self, input_ids, positions, cu_seqlens, cls_index):
-        return packed_forward(self.model, input_ids, positions, cu_seqlens, cls_index, max_seqlen=self.max_seq_length, attention=self._attention)
+        # varlen kernels size their grid by max_seqlen and leave rows past it unwritten; the pad
+        # tail is shorter than TOKEN_MULTIPLE, so this bound covers it as well as every real pair.
+        max_seqlen = max(self.max_seq_length, TOKEN_MULTIPLE)
+        return packed_forward(self.model, input_ids, positions, cu_seqlens, cls_index, max_seqlen=max_seqlen, attention=self._attention)
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -417,10 +420,12 @@ class DynamicCrossEncoder(CrossEncoder):
     def _dummy_batch(self, shape, batch_size, timings):
         tok = self.tokenizer
         if self.packed:
+            # as many full-length sequences as fit, like a real full batch
             length = min(shape, self.max_seq_length)
-            ids = np.full((1, length), tok.unk_token_id, dtype=np.int64)
-            ids[0, 0] = tok.cls_token_id
-            batch = pack_batch(ids, np.array([length]), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
+            n = max(1, min(batch_size, shape // length))
+            ids = np.full((n, length), tok.unk_token_id, dtype=np.int64)
+            ids[:, 0] = tok.cls_token_id
+            batch = pack_batch(ids, np.full(n, length), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
             self._compiled_call(*batch.views(batch.buffer.to(self.device)))
         else:
             rows, width = shape

@@ -471,3 +471,12 @@ def test_run_timed_progress_bar_only_on_a_terminal_unless_quiet(tty, progress, s
     text = err.getvalue()
     assert ("setup-x:" in text and "/3 [" in text) is shown
     assert ("warm-up" in text) is shown
+
+
+def test_write_json_file_is_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = bu.write_json({"complete": True}, tmp_path / "r.json")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
