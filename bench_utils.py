@@ -621,6 +621,7 @@ def _columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
     cols.append(("Speedup", speedup))
     optional = [
         ("max |score diff|", "max_abs_diff", lambda v: _fmt(v, ".1e")),
+        ("vs fp32", "fp32_max_abs_diff", lambda v: _fmt(v, ".1e")),
         ("tau", "kendall_tau", lambda v: _fmt(v, ".4f")),
         ("top-10", "top10_overlap", lambda v: _fmt(v, ".2f")),
         ("pairs/s", "pairs_per_s", lambda v: _fmt(v, ",.0f")),

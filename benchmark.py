@@ -13,7 +13,7 @@ import argparse
 import gc
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -207,7 +207,7 @@ def run(cfg: bu.BenchConfig, setups_for: Callable[[bu.BenchConfig, str, torch.dt
             for order in orders:
                 runs[order] = bu.run_timed(
                     f"{setup.name} [{order}]",
-                    lambda w: call(model, w, cfg.batch_size),
+                    lambda w, m=model: call(m, w, cfg.batch_size),
                     workloads[order],
                     device=device,
                     warmup_calls=cfg.resolved_warmup(device),

@@ -18,34 +18,7 @@ from hypothesis import strategies as st
 import data
 from dynamic_cross_encoder import DynamicCrossEncoder, bucket_length, plan_token_batches, token_buckets
 
-IDENTITY = torch.nn.Identity()
-TOL = 1e-5  # fp32, same weights: only summation order differs
-LONG_TEXT = " ".join(data.SENTENCES[:120])  # ~1300 tokens: truncated at any max_length here
-
-# Mixed on purpose: empty texts, one word, truncated at max_length from either side, duplicates.
-EDGE_PAIRS = [
-    ["", ""],
-    ["lorem", ""],
-    ["", "ipsum"],
-    ["lorem", "ipsum"],
-    [LONG_TEXT, "dolor sit amet"],
-    ["dolor sit amet", LONG_TEXT],
-    [LONG_TEXT, LONG_TEXT[::-1]],
-    ["lorem", "ipsum"],
-]
-
-
-def workload(n: int = 40, seed: int = 0) -> list[list[str]]:
-    return data.load_pairs(n, seed=seed, min_sentences=1, max_sentences=12) + EDGE_PAIRS
-
-
-def assert_same_logits(out, ref, tol: float = TOL):
-    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert out.shape == ref.shape
-    # Without spread in the reference, a 1e-5 tolerance would pass a model that ignores its input.
-    assert ref.std() > 1e-3, f"reference logits barely vary (std {ref.std():.2e}); the comparison proves nothing"
-    diff = np.abs(out - ref).max()
-    assert diff <= tol, f"max |logit diff| {diff:.2e} > {tol:.0e}"
+from helpers import IDENTITY, TOL, assert_same_logits, workload
 
 
 @pytest.fixture(scope="module")

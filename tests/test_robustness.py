@@ -21,18 +21,9 @@ from sentence_transformers import CrossEncoder
 import data
 from dynamic_cross_encoder import DynamicCrossEncoder
 
-IDENTITY = torch.nn.Identity()
-TOL = 1e-5  # fp32, same weights: only summation order differs
+from helpers import IDENTITY, TOL, assert_same_logits
+
 SMALL_MAX_LENGTH = 64  # keeps the property-based test fast; texts go well past it
-
-
-def assert_same_logits(out, ref, tol: float = TOL, what: str = "scores"):
-    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert out.shape == ref.shape
-    # Without spread in the reference, a 1e-5 tolerance would pass a model that ignores its input.
-    assert ref.std() > 1e-3, f"reference logits barely vary (std {ref.std():.2e}); the comparison proves nothing"
-    diff = np.abs(out - ref).max()
-    assert diff <= tol, f"{what}: max |logit diff| {diff:.2e} > {tol:.0e}"
 
 
 def load(path, **kwargs):

@@ -52,7 +52,7 @@ def test_combined_table_has_original_columns_and_breakdown(combined):
 
     report, _ = combined
     text = bench_utils.format_table(report)
-    for header in ("Sorted Inputs (s)", "Unsorted Inputs (s)", "Speedup", "max |score diff|", "x floor", "MFU", "host (s)", "forward (s)"):
+    for header in ("vs fp32", "Sorted Inputs (s)", "Unsorted Inputs (s)", "Speedup", "max |score diff|", "x floor", "MFU", "host (s)", "forward (s)"):
         assert header in text
     assert "±" in text
 
