@@ -63,8 +63,10 @@ def parse_config(p: argparse.ArgumentParser, argv=None) -> tuple[bu.BenchConfig,
     defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     shrunk = {k: v for k, v in defaults.items() if args[k] is None}
     args.update(shrunk)
-    if not device.startswith("cuda") and shrunk:
-        notes.append("no GPU: defaults shrunk to " + ", ".join(f"{k}={v}" for k, v in shrunk.items()) + " (set the flags to override)")
+    unused = ("num_pairs",) if args["workload"] == "rerank" else ("num_queries", "docs_per_query")
+    said = {k: v for k, v in shrunk.items() if k not in unused}
+    if not device.startswith("cuda") and said:
+        notes.append("no GPU: defaults shrunk to " + ", ".join(f"{k}={v}" for k, v in said.items()) + " (set the flags to override)")
     args["device"] = device
     try:
         cfg = bu.BenchConfig(**args)
@@ -160,6 +162,12 @@ def run(cfg: bu.BenchConfig, setups_for: Callable[[bu.BenchConfig, str, torch.dt
     """Time every setup on the same workloads; returns the report (also written as JSON)."""
     device, dtype = cfg.device, bu.resolve_dtype(cfg.dtype, cfg.device)
     progress = not cfg.quiet and sys.stderr.isatty()
+    if not progress:  # the libraries' own loading bars too
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     workloads = make_workloads(cfg)  # a broken pairs file stops here, before any model loads
     print(title)
     print(cfg)

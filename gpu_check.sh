@@ -14,5 +14,5 @@ python3 models.py build-synthetic full
 python3 -m pytest tests/test_gpu.py -q 2>&1 | tee "$out/gpu-tests.txt"
 python3 run_combined.py --model synthetic --compile-mode default --quiet --check-fp32 \
   --json "$out/combined-pairs.json" --plot "$out/combined-pairs.png" --markdown 2>&1 | tee "$out/combined-pairs.txt"
-python3 run_combined.py --model synthetic --compile-mode default --quiet --workload rerank --runs 1 \
+python3 run_combined.py --model synthetic --compile-mode default --quiet --workload rerank \
   --json "$out/combined-rerank.json" --plot "$out/combined-rerank.png" --markdown 2>&1 | tee "$out/combined-rerank.txt"
