@@ -817,7 +817,8 @@ def plot(report: dict, path: str | os.PathLike) -> str:
     ax.set_xticks(x, [textwrap.fill(str(s["name"]), 22) for s in setups], fontsize=9)
     ymax = max([float(t) for t in tops if np.isfinite(t)] + [floor or 0.0])
     ax.set_ylim(0, ymax * 1.18 if ymax > 0 else 1.0)  # headroom for the annotations
-    ax.legend(fontsize=9, loc="upper right")
+    # below the axes: inside, it hid the annotation of whichever bar was tallest
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     hw = env.get("gpu") or f"CPU ({env.get('cpu')})"
     source = str(report.get("model_source") or "")
