@@ -231,8 +231,9 @@ class DynamicCrossEncoder(CrossEncoder):
     """CrossEncoder with bucket padding, token-length sorting and a compiled forward.
 
     Args:
-        model_name_or_path: hub id or local directory (a jina-reranker-v2 checkpoint is converted to
-            the native XLM-R layout once, so sdpa, flash-attn and the packed path apply).
+        model_name_or_path: hub id, local directory, "synthetic" or "synthetic-tiny" (models.resolve_model);
+            a jina-reranker-v2 checkpoint is converted to the native XLM-R layout once, so sdpa,
+            flash-attn and the packed path apply.
         bucket_multiple: padded path: sequence lengths are padded to a multiple of this.
         compile: compile the forward with inductor.
         compile_mode: torch.compile mode; default "max-autotune" on CUDA (as the original), "default"
@@ -275,9 +276,12 @@ class DynamicCrossEncoder(CrossEncoder):
         # transformers 5 loads the config's dtype ("auto"): bf16 for jina. On CPU that is slow and
         # not the reference, so float32 there unless asked otherwise.
         model_kwargs.setdefault("dtype", "auto" if device.type == "cuda" else torch.float32)
-        from models import native_checkpoint  # jina layout -> native XLM-R, converted once and cached
+        # Hub ids and "synthetic" names -> a local directory (a clear error when none can be had);
+        # jina's layout -> native XLM-R, converted once and cached. Without this a jina hub id would
+        # load as plain XLM-R with its weights unmatched: random scores, silently.
+        from models import native_checkpoint, resolve_model
 
-        super().__init__(native_checkpoint(model_name_or_path), model_kwargs=model_kwargs, **kwargs)
+        super().__init__(native_checkpoint(resolve_model(model_name_or_path)), model_kwargs=model_kwargs, **kwargs)
         self.eval()
 
         limit = self.position_limit

@@ -382,6 +382,21 @@ def test_convert_jina_checkpoint(tiny_model_dir, tmp_path):
     assert models.native_checkpoint(tiny_model_dir) == tiny_model_dir
 
 
+def test_dynamic_cross_encoder_converts_jina_checkpoints(tiny_model_dir, tiny_cross_encoder, tmp_path):
+    from dynamic_cross_encoder import DynamicCrossEncoder
+
+    jina_dir = write_jina_checkpoint(tiny_model_dir, tmp_path / "jina")
+    for packed in (False, True):
+        model = DynamicCrossEncoder(jina_dir, device="cpu", compile=False, packed=packed)
+        assert model.model.config.model_type == "xlm-roberta" and model.packed is packed
+        # fp32, same weights under other names: only summation order differs
+        np.testing.assert_allclose(model.predict(PAIRS), tiny_cross_encoder.predict(PAIRS), atol=1e-6)
+    by_name = DynamicCrossEncoder("synthetic-tiny", device="cpu", compile=False)
+    np.testing.assert_allclose(by_name.predict(PAIRS), tiny_cross_encoder.predict(PAIRS), atol=1e-6)
+    with pytest.raises(models.ModelNotFoundError, match="--model synthetic"):
+        DynamicCrossEncoder("nobody/no-such-model", device="cpu", compile=False)
+
+
 def test_convert_rejects_native_dir_with_exit_code_2(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         models.main(["convert", tiny_model_dir, str(tmp_path / "out")])
