@@ -41,8 +41,13 @@ class Setup:
     baseline: bool = False
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block: the flags are in --help
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser(description: str, exclude=()) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bu.add_bench_arguments(p, exclude=exclude)
     # None = "not given": filled from the GPU or CPU defaults once the device is known.
     p.set_defaults(**{k: None for k in GPU_DEFAULTS})
@@ -169,11 +174,11 @@ def run(cfg: bu.BenchConfig, setups_for: Callable[[bu.BenchConfig, str, torch.dt
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
     workloads = make_workloads(cfg)  # a broken pairs file stops here, before any model loads
+    path = models.resolve_model(cfg.model)  # so does a model that cannot be found
     print(title)
     print(cfg)
     for note in notes:
         print(f"note: {note}")
-    path = models.resolve_model(cfg.model)
     source = models.model_source(path)
     from transformers import AutoTokenizer
 
@@ -304,4 +309,4 @@ def main(description: str, setups_for, *, exclude=(), argv=None) -> dict:
     try:
         return run(cfg, setups_for, notes=notes, title=description)
     except (data.PairsFileError, models.ModelNotFoundError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.error(str(e))

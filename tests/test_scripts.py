@@ -118,7 +118,7 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys, monkeypatch):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_broken_pairs_file_names_line_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
