@@ -400,7 +400,7 @@ class DynamicCrossEncoder(CrossEncoder):
         _check_int("batch_size", batch_size)
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
-            timings = dict(tokenize_s=0.0, pack_s=0.0, forward_s=0.0, real_tokens=0, padded_tokens=0, batches=0)
+            timings = _new_timings()
             for shape in tqdm(self._warmup_shapes(batch_size), desc="Compiling buckets", disable=not show_progress_bar):
                 self._dummy_batch(shape, batch_size, timings)
             _sync(self.device)
@@ -455,7 +455,7 @@ class DynamicCrossEncoder(CrossEncoder):
 
     def _predict_logits(self, pairs, batch_size: int, progress: bool) -> torch.Tensor:
         """-> float32 logits (pairs, labels) on the CPU, in the caller's order."""
-        timings = dict(tokenize_s=0.0, pack_s=0.0, forward_s=0.0, real_tokens=0, padded_tokens=0, batches=0)
+        timings = _new_timings()
         self.last_timings = timings
         if not pairs:
             return torch.zeros(0, self.num_labels)
@@ -628,6 +628,11 @@ def validate_pairs(inputs) -> list[tuple[str, str]]:
                 raise TypeError(f"inputs[{i}][{j}] must be a str, got {type(text).__name__}")
         pairs.append((pair[0], pair[1]))
     return pairs
+
+
+def _new_timings() -> dict:
+    """What `last_timings` reports for one call: host seconds, forward seconds, token counts."""
+    return dict(tokenize_s=0.0, pack_s=0.0, forward_s=0.0, real_tokens=0, padded_tokens=0, batches=0)
 
 
 def _check_int(name: str, value) -> None:
