@@ -11,210 +11,63 @@ Two paths, same `predict` / `rank` API as CrossEncoder, scores in the caller's o
   count is padded to a multiple of 256 so the compiled graph sees few shapes, and the next chunk
   is tokenized in a worker thread while the GPU runs the current batch.
 
-Both paths use the loaded model's own weights; nothing is copied.
+Batch layouts, attention backends and the packed forward live in packing.py. Both paths use the
+loaded model's own weights; nothing is copied.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sentence_transformers import CrossEncoder
 from tqdm.auto import tqdm
 
-try:
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # optional: pip install flash-attn --no-build-isolation
-    flash_attn_varlen_func = None
+from packing import (
+    ATTENTION_BACKENDS,
+    BUCKET_MULTIPLE,
+    TOKEN_MULTIPLE,
+    PackedBatch,
+    PaddedBatch,
+    bucket_length,
+    choose_attention_backend,
+    is_cuda,
+    pack_batch,
+    packed_forward,
+    packed_unsupported_reason,
+    plan_token_batches,
+    position_limit,
+    token_buckets,
+)
 
-try:
-    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10, CUDA only
-except ImportError:
-    varlen_attn = None
-
-# Padded path: sequence lengths are rounded up to a multiple of this, so a compiled graph
-# (or a CUDA graph) is reused across batches instead of one shape per distinct length.
-BUCKET_MULTIPLE = 16
-# Packed path: the token count of a batch is padded to a multiple of this (the pad tail is its own
-# sequence, so no real token attends to it). Keeps GEMM row counts aligned and bounds the shapes a
-# static compile or a CUDA graph per shape can meet to max_tokens_per_batch / TOKEN_MULTIPLE.
-TOKEN_MULTIPLE = 256
-PACKED_MODEL_TYPES = ("xlm-roberta", "roberta")
-ROBERTA_POSITION_TYPES = ("xlm-roberta", "roberta", "camembert", "xlm-roberta-xl")
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure helpers: bucket math, batching plans, packing. No model, so they are tested on their own.
+# torch.compile modes that capture CUDA graphs: a graph is recorded per input shape, and every
+# replay writes its outputs into the same memory.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def bucket_length(length: int, multiple: int = BUCKET_MULTIPLE) -> int:
-    """Smallest multiple of `multiple` that is >= length (and >= multiple)."""
-    return max(multiple, -(-length // multiple) * multiple)
+def device_defaults(device) -> dict:
+    """The class's device-dependent defaults, in one place (the benchmark prints them)."""
+    cuda = is_cuda(device)
+    return {
+        # max-autotune: the original's choice on CUDA; inductor's CPU autotuning only costs time
+        "compile_mode": "max-autotune" if cuda else "default",
+        # the packed CPU attention builds a (tokens, tokens) mask: small budgets there
+        "max_tokens_per_batch": 16384 if cuda else 2048,
+        # transformers 5 loads the config's dtype ("auto", bf16 for jina); on the CPU that is slow
+        # and not the reference, so float32 there
+        "dtype": "auto" if cuda else torch.float32,
+    }
 
 
-def token_buckets(max_tokens_per_batch: int, max_seq_length: int) -> list[int]:
-    """Every token count a packed batch can be padded to: multiples of TOKEN_MULTIPLE up to the budget,
-    or up to one sequence of max_seq_length when that is larger (a pair over the budget runs alone)."""
-    top = bucket_length(max(max_tokens_per_batch, max_seq_length), TOKEN_MULTIPLE)
-    return list(range(TOKEN_MULTIPLE, top + 1, TOKEN_MULTIPLE))
-
-
-def plan_token_batches(lengths, max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
-    """Greedy, in the given order: [start, end) ranges whose token sum stays <= max_tokens and whose
-    size is <= max_seqs. A single sequence longer than the budget gets a batch of its own."""
-    batches, start, total = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (total + n > max_tokens or i - start >= max_seqs):
-            batches.append((start, i))
-            start, total = i, 0
-        total += int(n)
-    if start < len(lengths):
-        batches.append((start, len(lengths)))
-    return batches
-
-
-@dataclass
-class PackedBatch:
-    """One packed batch, all int32 in a single buffer (one host-to-device copy).
-
-    input_ids:  (tokens,)       real tokens of every sequence back to back, then pad ids up to the bucket
-    positions:  (tokens,)       2, 3, ... restarting at each sequence (XLM-R: padding_idx + 1 + offset)
-    cu_seqlens: (max_seqs + 2,) sequence starts, then the end; the pad tail is one extra sequence and
-                                unused slots repeat the end, so the shape only depends on max_seqs
-    cls_index:  (max_seqs,)     row of token 0 of each sequence (0 in unused slots)
-    """
-
-    buffer: torch.Tensor
-    tokens: int
-    max_seqs: int
-    num_seqs: int
-    real_tokens: int
-
-    def views(self, buffer: torch.Tensor | None = None):
-        """(input_ids, positions, cu_seqlens, cls_index) as views of `buffer` (default: the host one)."""
-        t, s = self.tokens, self.max_seqs
-        b = self.buffer if buffer is None else buffer
-        return b[:t], b[t : 2 * t], b[2 * t : 2 * t + s + 2], b[2 * t + s + 2 :]
-
-
-def pack_batch(ids: np.ndarray, lengths: np.ndarray, *, tokens: int, max_seqs: int, pad_id: int, pin: bool) -> PackedBatch:
-    """Pack right-padded token ids into one flat batch.
-
-    ids: (batch, seq) right-padded, lengths: (batch,) real token counts -> PackedBatch with
-    `tokens` >= lengths.sum() rows. Array operations only, no per-token Python loop.
-    """
-    n = len(lengths)
-    real = int(lengths.sum())
-    if n > max_seqs or real > tokens:
-        raise ValueError(f"batch of {n} sequences / {real} tokens does not fit {max_seqs} / {tokens}")
-    buf = torch.empty(2 * tokens + 2 * max_seqs + 2, dtype=torch.int32, pin_memory=pin)
-    batch = PackedBatch(buf, tokens, max_seqs, n, real)
-    flat_ids, pos, cu, cls = (v.numpy() for v in batch.views())
-    mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-    flat_ids[:real] = ids[mask]
-    flat_ids[real:] = pad_id
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    # XLM-R positions: real tokens count from padding_idx + 1; pads sit at padding_idx.
-    pos[:real] = np.arange(real) - np.repeat(starts[:-1], lengths) + pad_id + 1
-    pos[real:] = pad_id
-    cu[: n + 1] = starts
-    cu[n + 1 :] = tokens  # pad tail [real, tokens) is its own sequence; the rest are empty
-    cls[:n] = starts[:-1]
-    cls[n:] = 0
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------
-# Variable-length attention backends: (q, k, v) (tokens, heads, head_dim), cu_seqlens (seqs + 1,)
-# -> (tokens, heads, head_dim). Each sequence attends only to itself.
-
-
-def _attn_flash(q, k, v, cu, max_seqlen, scale):
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
-
-
-def _attn_varlen(q, k, v, cu, max_seqlen, scale):
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
-
-
-def _attn_nested(q, k, v, cu, max_seqlen, scale):
-    offsets = cu.to(torch.int64)
-    nt = [torch.nested.nested_tensor_from_jagged(x, offsets).transpose(1, 2) for x in (q, k, v)]
-    return F.scaled_dot_product_attention(*nt, scale=scale).transpose(1, 2).values()
-
-
-def _attn_block_diagonal(q, k, v, cu, max_seqlen, scale):
-    # (tokens, tokens) mask: memory grows with tokens^2, so only for small batches (tests, CPU).
-    seq_id = torch.searchsorted(cu[1:], torch.arange(q.shape[0], device=q.device, dtype=cu.dtype), right=True)
-    mask = seq_id[:, None] == seq_id[None, :]
-    out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
-
-
-ATTENTION_BACKENDS = {
-    "flash_attn": _attn_flash,
-    "varlen_attn": _attn_varlen,
-    "sdpa_nested": _attn_nested,
-    "sdpa_block_diagonal": _attn_block_diagonal,
-}
-
-
-def available_attention_backends(device: torch.device) -> list[str]:
-    """Backends usable on `device`, fastest first."""
-    names = []
-    if device.type == "cuda":
-        if flash_attn_varlen_func is not None:
-            names.append("flash_attn")
-        if varlen_attn is not None:
-            names.append("varlen_attn")
-    # On the CPU the block-diagonal mask beats nested tensors by ~10x at the small token budgets
-    # used there; its (tokens, tokens) mask is why the CPU budget defaults to 2048.
-    return names + ["sdpa_block_diagonal", "sdpa_nested"]
-
-
-def packed_unsupported_reason(model) -> str | None:
-    """Why the packed forward cannot run this transformers model, or None if it can."""
-    config = model.config
-    if config.model_type not in PACKED_MODEL_TYPES:
-        return f"model_type {config.model_type!r} is not one of {PACKED_MODEL_TYPES}"
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return f"position_embedding_type {config.position_embedding_type!r} is not 'absolute'"
-    if getattr(config, "is_decoder", False):
-        return "decoder models are not supported"
-    if not hasattr(model, "roberta") or not hasattr(model, "classifier"):
-        return f"{type(model).__name__} is not a *ForSequenceClassification model with a .roberta encoder"
-    return None
-
-
-def packed_forward(model, input_ids, positions, cu_seqlens, cls_index, *, max_seqlen: int, attention) -> torch.Tensor:
-    """Padding-free forward of an XLM-R sequence classifier with the model's own weights.
-
-    input_ids, positions: (tokens,); cu_seqlens: (seqs + 1,); cls_index: (seqs,) -> logits (seqs, labels)
-    in float32. Mirrors XLMRobertaForSequenceClassification in eval mode (dropout off): post-norm
-    blocks, token type 0 for every token, the classification head on token 0 of each sequence.
-    """
-    enc = model.roberta
-    emb = enc.embeddings
-    x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
-    x = emb.LayerNorm(x)
-    tokens = x.shape[0]
-    for layer in enc.encoder.layer:
-        att = layer.attention.self
-        heads, head_dim = att.num_attention_heads, att.attention_head_size
-        q, k, v = (proj(x).view(tokens, heads, head_dim) for proj in (att.query, att.key, att.value))
-        ctx = attention(q, k, v, cu_seqlens, max_seqlen, att.scaling).reshape(tokens, heads * head_dim)
-        x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
-        h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-        x = layer.output.LayerNorm(layer.output.dense(h) + x)
-    # .clone(): under CUDA graphs the output memory is reused by the next replay.
-    return model.classifier(x[cls_index].unsqueeze(1)).float().clone()
+def uses_cuda_graphs(device_type: str, compile: bool, mode: str) -> bool:
+    return compile and device_type == "cuda" and mode in CUDA_GRAPH_MODES
 
 
 def compile_count() -> int:
@@ -224,25 +77,36 @@ def compile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-# ----------------------------------------------------------------------------------------------
+@dataclass
+class CallTimings:
+    """What one `predict` call did (`last_timings`). forward_s is device time between CUDA events
+    around each launch (idle gaps inside a launch included); wall time on the CPU."""
+
+    tokenize_s: float = 0.0
+    pack_s: float = 0.0
+    forward_s: float = 0.0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    new_shapes: list = field(default_factory=list)  # batch shapes first met after warm-up
 
 
 class DynamicCrossEncoder(CrossEncoder):
     """CrossEncoder with bucket padding, token-length sorting and a compiled forward.
 
     Args:
-        model_name_or_path: hub id, local directory, "synthetic" or "synthetic-tiny" (models.resolve_model);
-            a jina-reranker-v2 checkpoint is converted to the native XLM-R layout once, so sdpa,
-            flash-attn and the packed path apply.
+        model_name_or_path: a local directory or a hub id; a jina-reranker-v2 checkpoint is converted
+            to the native XLM-R layout once (cached), so sdpa, flash-attn and the packed path apply.
         bucket_multiple: padded path: sequence lengths are padded to a multiple of this.
         compile: compile the forward with inductor.
         compile_mode: torch.compile mode; default "max-autotune" on CUDA (as the original), "default"
-            on CPU. "reduce-overhead" / "max-autotune" use CUDA graphs; outputs are cloned for them.
+            on CPU. "reduce-overhead" / "max-autotune" capture CUDA graphs (one per batch shape).
         dynamic: torch.compile `dynamic`; default True (as the original): one graph serves every
-            bucket. False compiles one graph per bucket (see `warmup`).
+            bucket. False compiles one graph per shape (see `warmup`).
         packed: use the padding-free path (XLM-R / RoBERTa classifiers; others fall back with a warning).
         max_tokens_per_batch: packed path token budget per batch; default 16384 on CUDA, 2048 on CPU.
-        attention_backend: packed path backend name (see ATTENTION_BACKENDS); default: the fastest available.
+        attention_backend: packed path backend name (packing.ATTENTION_BACKENDS); default: the fastest
+            one for the device and dtype (`describe()` says which and why).
         **kwargs: CrossEncoder arguments (device, max_length, model_kwargs, ...). dtype defaults to the
             model config's on CUDA (bf16 for jina) and float32 on CPU; override with model_kwargs={"dtype": ...}.
 
@@ -250,95 +114,90 @@ class DynamicCrossEncoder(CrossEncoder):
     caller gets its own scores; for parallel GPU work use one instance per device.
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        *,
-        bucket_multiple: int = BUCKET_MULTIPLE,
-        compile: bool = True,
-        compile_mode: str | None = None,
-        dynamic: bool | None = None,
-        packed: bool = False,
-        max_tokens_per_batch: int | None = None,
-        attention_backend: str | None = None,
-        **kwargs,
-    ):
-        _check_int("bucket_multiple", bucket_multiple)
+    def __init__(self, model_name_or_path: str, *, bucket_multiple: int = BUCKET_MULTIPLE, compile: bool = True,
+                 compile_mode: str | None = None, dynamic: bool | None = None, packed: bool = False,
+                 max_tokens_per_batch: int | None = None, attention_backend: str | None = None, **kwargs):
         device = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        defaults = device_defaults(device)
         if max_tokens_per_batch is None:
-            max_tokens_per_batch = 16384 if device.type == "cuda" else 2048
-        _check_int("max_tokens_per_batch", max_tokens_per_batch)
-        max_length = kwargs.get("max_length")
-        if max_length is not None:
-            _check_int("max_length", max_length)
+            max_tokens_per_batch = defaults["max_tokens_per_batch"]
+        checked = {"bucket_multiple": bucket_multiple, "max_tokens_per_batch": max_tokens_per_batch,
+                   "max_length": kwargs.get("max_length")}
+        for name, value in checked.items():
+            if value is not None:
+                _check_int(name, value)
         kwargs["device"] = str(device)
-        model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
-        # transformers 5 loads the config's dtype ("auto"): bf16 for jina. On CPU that is slow and
-        # not the reference, so float32 there unless asked otherwise.
-        model_kwargs.setdefault("dtype", "auto" if device.type == "cuda" else torch.float32)
-        # Hub ids and "synthetic" names -> a local directory (a clear error when none can be had);
-        # jina's layout -> native XLM-R, converted once and cached. Without this a jina hub id would
-        # load as plain XLM-R with its weights unmatched: random scores, silently.
-        from models import native_checkpoint, resolve_model
-
-        super().__init__(native_checkpoint(resolve_model(model_name_or_path)), model_kwargs=model_kwargs, **kwargs)
+        model_kwargs = {"dtype": defaults["dtype"], **(kwargs.pop("model_kwargs", None) or {})}
+        path = checkpoint_dir(model_name_or_path, local_files_only=kwargs.get("local_files_only", False))
+        super().__init__(path, model_kwargs=model_kwargs, **kwargs)
         self.eval()
+        self._check_max_length(kwargs.get("max_length"))
 
+        self.bucket_multiple = bucket_multiple
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.compile_enabled = compile
+        self.compile_mode = compile_mode or defaults["compile_mode"]
+        self.dynamic = True if dynamic is None else dynamic
+        self.last_timings = CallTimings()
+        self.compile_seconds = 0.0
+        self._lock = threading.RLock()
+        self.compiles = 0  # graphs compiled by this instance's calls
+        self._compiles_after_warmup: int | None = None
+        self._shapes_seen: set = set()
+        self.unwarmed_shapes: list = []  # shapes met after warm-up that it did not run, in order
+        self._warned = (0, 0)
+        self._graph_limit = 8  # dynamo's default recompile limit
+        self._setup_forward(packed, attention_backend)
+
+    def _check_max_length(self, max_length):
         limit = self.position_limit
         if max_length is not None and max_length > limit:
             raise ValueError(f"max_length must be <= {limit} (the model's position limit), got {max_length}")
         if not self.max_seq_length or self.max_seq_length > limit:
             self.max_seq_length = limit  # tokenizers without model_max_length report ~1e30
 
-        self.bucket_multiple = bucket_multiple
-        self.max_tokens_per_batch = max_tokens_per_batch
-        self.compile_enabled = compile
-        self.compile_mode = compile_mode or ("max-autotune" if device.type == "cuda" else "default")
-        self.dynamic = True if dynamic is None else dynamic
-        self.packed = packed
-        self.last_timings: dict = {}
-        self.compile_seconds = 0.0
-        self._lock = threading.RLock()
-        self.compiles = 0  # graphs compiled by this instance's calls
-        self._compiles_after_warmup: int | None = None
-        self._warned_recompiles = 0
-
+    def _setup_forward(self, packed: bool, attention_backend: str | None):
         if packed and (reason := packed_unsupported_reason(self.model)):
-            warnings.warn(f"packed=True is not supported for this model ({reason}); using the padded path", stacklevel=2)
-            self.packed = False
-        if self.packed:
-            names = available_attention_backends(device)
-            if attention_backend is not None and attention_backend not in names:
-                raise ValueError(f"attention_backend must be one of {names} on {device.type}, got {attention_backend!r}")
-            self.attention_backend = attention_backend or names[0]
+            warnings.warn(f"packed=True is not supported for this model ({reason}); using the padded path", stacklevel=3)
+            packed = False
+        self.packed = packed
+        if packed:
+            self.attention_backend, self.attention_reason = choose_attention_backend(
+                self.device.type, self.model.dtype, attention_backend)
             self._attention = ATTENTION_BACKENDS[self.attention_backend]
             fn = self._packed_logits
         else:
-            self.attention_backend = self.model.config._attn_implementation
+            self.attention_backend, self.attention_reason = self.model.config._attn_implementation, "the model's own"
             fn = self._padded_logits
-        self._logits = torch.compile(fn, mode=self.compile_mode, dynamic=self.dynamic) if compile else fn
+        self._logits = torch.compile(fn, mode=self.compile_mode, dynamic=self.dynamic) if self.compile_enabled else fn
 
     @property
     def position_limit(self) -> int:
-        """Longest sequence the position table holds: RoBERTa-style models start positions at
-        padding_idx + 1 (1024 of XLM-R's 1026), BERT-style ones at 0."""
-        config = self.model.config
-        offset = (config.pad_token_id or 0) + 1 if config.model_type in ROBERTA_POSITION_TYPES else 0
-        return config.max_position_embeddings - offset
+        return position_limit(self.model.config)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return uses_cuda_graphs(self.device.type, self.compile_enabled, self.compile_mode)
+
+    @property
+    def graphs_per_shape(self) -> bool:
+        """Each new batch shape costs a compile (static graphs) or a CUDA-graph recording."""
+        return self.compile_enabled and (self.uses_cuda_graphs or not self.dynamic)
 
     def describe(self) -> str:
-        how = f"compiled (mode={self.compile_mode}, dynamic={self.dynamic})" if self.compile_enabled else "eager"
+        how = f"compiled (mode={self.compile_mode}, dynamic={self.dynamic}" if self.compile_enabled else "eager"
+        if self.compile_enabled:
+            how += ", CUDA graphs per shape)" if self.uses_cuda_graphs else ")"
         if self.packed:
-            path = f"packed, {self.attention_backend}, <= {self.max_tokens_per_batch} tokens/batch"
+            path = f"packed, {self.attention_backend} ({self.attention_reason}), <= {self.max_tokens_per_batch} tokens/batch"
         else:
             path = f"padded to x{self.bucket_multiple}, {self.attention_backend}"
         return f"DynamicCrossEncoder({path}; {how}; {str(self.model.dtype).removeprefix('torch.')})"
 
-    # --- the compiled boundary ------------------------------------------------------------------
+    # --- the compiled boundary: what it returns may live in CUDA-graph memory (see _run_batch) ----
 
     def _padded_logits(self, input_ids, attention_mask):
-        # .clone(): under CUDA graphs the output memory is reused by the next replay.
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().clone()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
     def _packed_logits(self, input_ids, positions, cu_seqlens, cls_index):
         # varlen kernels size their grid by max_seqlen and leave rows past it unwritten; the pad
@@ -348,22 +207,10 @@ class DynamicCrossEncoder(CrossEncoder):
 
     # --- public API -----------------------------------------------------------------------------
 
-    def predict(
-        self,
-        inputs,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        activation_fn=None,
-        apply_softmax: bool | None = False,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        device=None,
-        pool=None,
-        chunk_size: int | None = None,
-        **kwargs,
-    ):
+    def predict(self, inputs, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32,
+                show_progress_bar: bool | None = None, activation_fn=None, apply_softmax: bool | None = False,
+                convert_to_numpy: bool = True, convert_to_tensor: bool = False, device=None, pool=None,
+                chunk_size: int | None = None, **kwargs):
         """Same contract as CrossEncoder.predict. Prompts, pools and device lists go to the
         CrossEncoder implementation (uncompiled); everything else takes the fast path."""
         _check_int("batch_size", batch_size)
@@ -391,108 +238,108 @@ class DynamicCrossEncoder(CrossEncoder):
         return out[0] if single else out
 
     def warmup(self, pairs=None, batch_size: int = 32, *, show_progress_bar: bool = False) -> float:
-        """Compile the shapes later calls will meet; returns the seconds it took.
+        """Compile (and record) the shapes later calls will meet, largest first; returns the seconds.
 
-        Runs synthetic batches at the extremes of the buckets (dynamic graphs) or at every bucket
-        (static graphs: one compile each), then `pairs` once if given. Later calls warn when they
-        compile more graphs than this left.
+        Dynamic graphs: the extremes of the buckets. Per-shape graphs (CUDA graphs, or dynamic=False):
+        every shape a call with this batch_size can meet. Then `pairs` once, if given. Shapes met
+        later that this did not run are listed in `unwarmed_shapes` and counted in `last_timings`;
+        where they cost a compile or a CUDA-graph recording, a warning says so.
         """
         _check_int("batch_size", batch_size)
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
-            timings = _new_timings()
+            self._graph_limit = self._graphs_needed(batch_size)
+            timings = CallTimings()
             for shape in tqdm(self._warmup_shapes(batch_size), desc="Compiling buckets", disable=not show_progress_bar):
-                self._dummy_batch(shape, batch_size, timings)
+                self._run_batch(self._dummy_batch(shape, batch_size), timings, [])
             _sync(self.device)
         if pairs is not None:
             self.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
         _sync(self.device)
         self.compile_seconds = time.perf_counter() - start
         self._compiles_after_warmup = self.compiles
-        self._warned_recompiles = 0
+        self.unwarmed_shapes, self._warned = [], (0, 0)
         return self.compile_seconds
 
     def _warmup_shapes(self, batch_size: int) -> list:
+        """Largest first: autotuning picks its kernels on the first shape it sees."""
         if self.packed:
-            buckets = token_buckets(self.max_tokens_per_batch, self.max_seq_length)
-            return [buckets[0], buckets[-1]] if self.dynamic else buckets
-        widest = bucket_length(self.max_seq_length, self.bucket_multiple)
-        if self.dynamic:  # batch 1 and width 16 are specialized by the compiler, so warm them too
-            return [(1, self.bucket_multiple), (batch_size, self.bucket_multiple), (batch_size, widest)]
-        return []  # static padded graphs: one per (batch, width); warm them with real `pairs`
+            buckets = token_buckets(self.max_tokens_per_batch, self.max_seq_length)[::-1]
+            return buckets if self.graphs_per_shape else [buckets[0], buckets[-1]]
+        widths = list(range(bucket_length(self.max_seq_length, self.bucket_multiple), 0, -self.bucket_multiple))
+        if self.graphs_per_shape:  # rows are padded to batch_size there, so the widths are every shape
+            return [(batch_size, w) for w in widths]
+        # batch 1 and the narrowest width are specialized by the compiler, so warm them too
+        return [(batch_size, widths[0]), (batch_size, widths[-1]), (1, widths[-1])]
 
-    def _dummy_batch(self, shape, batch_size, timings):
+    def _graphs_needed(self, batch_size: int) -> int:
+        """Static graphs: one per shape; dynamo's recompile limit is raised to exactly that many, so
+        no warm shape falls back to eager (the default limit is 8)."""
+        return max(8, len(self._warmup_shapes(batch_size)) + 1)
+
+    def _dummy_batch(self, shape, batch_size):
         tok = self.tokenizer
-        if self.packed:
-            # as many full-length sequences as fit, like a real full batch
+        if self.packed:  # as many full-length sequences as fit, like a real full batch
             length = min(shape, self.max_seq_length)
             n = max(1, min(batch_size, shape // length))
             ids = np.full((n, length), tok.unk_token_id, dtype=np.int64)
             ids[:, 0] = tok.cls_token_id
-            batch = pack_batch(ids, np.full(n, length), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
-            self._compiled_call(*batch.views(batch.buffer.to(self.device)))
-        else:
-            rows, width = shape
-            batch = np.ones((2, rows, width), dtype=np.int64)
-            batch[0] = tok.unk_token_id
-            self._padded_call(batch, timings)
+            return pack_batch(ids, np.full(n, length), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
+        rows, width = shape
+        ids = np.full((rows, width), tok.unk_token_id, dtype=np.int64)
+        return PaddedBatch.build(ids, np.full(rows, width), width=width, pad_id=tok.pad_token_id)
 
     # --- the fast path --------------------------------------------------------------------------
 
     def _tokenize(self, pairs):
         """-> (ids (n, seq) int64 right-padded, lengths (n,)); truncation exactly as CrossEncoder."""
-        enc = self.tokenizer(
-            [a for a, _ in pairs],
-            [b for _, b in pairs],
-            truncation="longest_first",
-            max_length=self.max_seq_length,
-            padding=True,
-            padding_side="right",
-            return_tensors="np",
-            return_token_type_ids=False,
-        )
+        enc = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
+                             max_length=self.max_seq_length, padding=True, padding_side="right",
+                             return_tensors="np", return_token_type_ids=False)
         return enc["input_ids"].astype(np.int64, copy=False), enc["attention_mask"].sum(1)
 
     def _predict_logits(self, pairs, batch_size: int, progress: bool) -> torch.Tensor:
         """-> float32 logits (pairs, labels) on the CPU, in the caller's order."""
-        timings = _new_timings()
-        self.last_timings = timings
+        timings = self.last_timings = CallTimings()
         if not pairs:
             return torch.zeros(0, self.num_labels)
-        events = []  # (start, end) per batch: GPU busy time, without the gaps between batches
-        run = self._run_packed if self.packed else self._run_padded
-        out, order = run(pairs, batch_size, timings, events, progress)
+        self._graph_limit = max(self._graph_limit, self._graphs_needed(batch_size))
+        batches = self._packed_batches if self.packed else self._padded_batches
+        out, order, events = [], [], []  # events: (start, end) per launch on CUDA
+        with tqdm(total=len(pairs), desc="Pairs", disable=not progress) as bar:
+            for batch, rows in batches(pairs, batch_size, timings):
+                out.append(self._run_with_retry(batch, timings, events))
+                order.append(rows)
+                bar.update(len(rows))
         logits = torch.cat(out).cpu()  # the one device-to-host copy; it waits for the GPU
         if events:
-            timings["forward_s"] = sum(s.elapsed_time(e) for s, e in events) / 1e3
-        self._check_recompiles()
+            timings.forward_s = sum(s.elapsed_time(e) for s, e in events) / 1e3
+        self._warn_new_graphs()
         restored = torch.empty_like(logits)
-        restored[torch.from_numpy(order)] = logits
+        restored[torch.from_numpy(np.concatenate(order))] = logits
         return restored
 
-    def _run_padded(self, pairs, batch_size, timings, events, progress):
+    def _padded_batches(self, pairs, batch_size, timings):
+        """Yields (PaddedBatch, row indices into pairs): the call tokenized once, longest first."""
         t0 = time.perf_counter()
         ids, lengths = self._tokenize(pairs)
-        timings["tokenize_s"] = time.perf_counter() - t0
+        timings.tokenize_s = time.perf_counter() - t0
         order = np.argsort(-lengths, kind="stable")  # longest first, like CrossEncoder
-        pad_id = self.tokenizer.pad_token_id
-        out = []
-        for start in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not progress):
-            t1 = time.perf_counter()
+        for start in range(0, len(order), batch_size):
+            t = time.perf_counter()
             rows = order[start : start + batch_size]
             width = bucket_length(int(lengths[rows].max()), self.bucket_multiple)
-            batch = np.full((2, len(rows), width), pad_id, dtype=np.int64)  # input_ids, attention_mask
-            take = min(width, ids.shape[1])
-            batch[0, :, :take] = ids[rows, :take]
-            batch[1] = np.arange(width)[None, :] < lengths[rows][:, None]
-            timings["pack_s"] += time.perf_counter() - t1
-            out.append(self._forward_with_retry(batch, events, timings))
-        return out, order
+            # per-shape graphs: a short last batch is filled up with copies of its own rows (their
+            # logits are dropped), so every batch has one of the shapes warmup() ran
+            fill = rows if not self.graphs_per_shape else np.resize(rows, batch_size)
+            batch = PaddedBatch.build(ids[fill], lengths[fill], width=width, pad_id=self.tokenizer.pad_token_id, rows=len(rows))
+            timings.pack_s += time.perf_counter() - t
+            yield batch, rows
 
-    def _run_packed(self, pairs, batch_size, timings, events, progress):
-        # Character length stands in for token length so tokenization can stream: chunk i + 1 is
-        # tokenized in a worker thread (the tokenizer releases the GIL) while chunk i is packed and
-        # launched, and the GPU works through its queue asynchronously.
+    def _packed_batches(self, pairs, batch_size, timings):
+        """Yields (PackedBatch, row indices into pairs). Character length stands in for token length so
+        tokenization can stream: chunk i + 1 is tokenized in a worker thread (the tokenizer releases
+        the GIL) while chunk i is packed and launched, and the GPU works through its queue."""
         order = np.argsort([-(len(a) + len(b)) for a, b in pairs], kind="stable")
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -501,111 +348,107 @@ class DynamicCrossEncoder(CrossEncoder):
             result = self._tokenize([pairs[i] for i in rows])
             return result, time.perf_counter() - t
 
-        out = []
-        with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(pairs), desc="Pairs", disable=not progress) as bar:
+        pin = self.device.type == "cuda"
+        with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(tokenize, chunks[0])
             for c, rows in enumerate(chunks):
                 (ids, lengths), seconds = pending.result()
-                timings["tokenize_s"] += seconds
+                timings.tokenize_s += seconds
                 if c + 1 < len(chunks):
                     pending = pool.submit(tokenize, chunks[c + 1])
                 for lo, hi in plan_token_batches(lengths, self.max_tokens_per_batch, batch_size):
                     t = time.perf_counter()
                     part = lengths[lo:hi]
-                    batch = pack_batch(ids[lo:hi, : part.max()], part, tokens=bucket_length(int(part.sum()), TOKEN_MULTIPLE), max_seqs=batch_size, pad_id=self.tokenizer.pad_token_id, pin=self.device.type == "cuda")
-                    timings["pack_s"] += time.perf_counter() - t
-                    out.append(self._forward_with_retry(batch, events, timings))
-                bar.update(len(rows))
-        return out, order
+                    batch = pack_batch(ids[lo:hi, : part.max()], part, max_seqs=batch_size, pad_id=self.tokenizer.pad_token_id, pin=pin)
+                    timings.pack_s += time.perf_counter() - t
+                    yield batch, rows[lo:hi]
 
-    def _forward_with_retry(self, batch, events, timings):
+    def _run_with_retry(self, batch, timings, events) -> torch.Tensor:
         """Run one batch; on out-of-memory split it in halves and retry, so no pair is lost."""
         try:
-            out = self._timed(batch, events, timings)
-            timings["batches"] += 1
-            return out
+            return self._run_batch(batch, timings, events)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            halves = self._split(batch)
+            halves = batch.split(self.tokenizer.pad_token_id)
             if halves is None:
                 raise
-            warnings.warn(f"out of memory on a batch of {self._batch_size(batch)} pairs; split in two and retried", stacklevel=2)
-            return torch.cat([self._forward_with_retry(h, events, timings) for h in halves])
+            warnings.warn(f"out of memory on a batch of {batch.num_seqs} pairs; split in two and retried", stacklevel=2)
+            return torch.cat([self._run_with_retry(h, timings, events) for h in halves])
 
-    @staticmethod
-    def _batch_size(batch) -> int:
-        return batch.num_seqs if isinstance(batch, PackedBatch) else batch.shape[1]
-
-    def _split(self, batch):
-        """Two halves of a batch, in order, or None for a single pair."""
-        n = self._batch_size(batch)
-        if n <= 1:
-            return None
-        half = n // 2
-        if not isinstance(batch, PackedBatch):
-            return batch[:, :half], batch[:, half:]
-        ids, pos, cu, _ = (v.numpy() for v in batch.views())
-        starts = cu[: n + 1].astype(np.int64)
-        lengths = np.diff(starts)
-        rows = np.zeros((n, int(lengths.max())), dtype=np.int64)
-        mask = np.arange(rows.shape[1])[None, :] < lengths[:, None]
-        rows[mask] = ids[: starts[-1]]
-        pin = self.device.type == "cuda"
-        pad = self.tokenizer.pad_token_id
-        return [
-            pack_batch(rows[a:b], lengths[a:b], tokens=bucket_length(int(lengths[a:b].sum()), TOKEN_MULTIPLE), max_seqs=batch.max_seqs, pad_id=pad, pin=pin)
-            for a, b in ((0, half), (half, n))
-        ]
-
-    def _timed(self, batch, events, timings):
-        call = self._packed_call if isinstance(batch, PackedBatch) else self._padded_call
-        if self.device.type != "cuda":
-            t = time.perf_counter()
-            out = call(batch, timings)
-            timings["forward_s"] += time.perf_counter() - t
-            return out
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = call(batch, timings)
-        end.record()
-        events.append((start, end))
-        return out
-
-    def _packed_call(self, batch: PackedBatch, timings) -> torch.Tensor:
-        dev = batch.buffer.to(self.device, non_blocking=True)  # one copy, from pinned memory on CUDA
-        logits = self._compiled_call(*batch.views(dev))[: batch.num_seqs]
-        timings["real_tokens"] += batch.real_tokens
-        timings["padded_tokens"] += batch.tokens
-        return logits
-
-    def _padded_call(self, batch: np.ndarray, timings) -> torch.Tensor:
-        """batch: (2, batch, width) int64 = input_ids, attention_mask -> logits (batch, labels)."""
-        host = torch.from_numpy(np.ascontiguousarray(batch))
-        dev = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
-        logits = self._compiled_call(dev[0], dev[1])
-        timings["real_tokens"] += int(batch[1].sum())
-        timings["padded_tokens"] += batch[1].size
-        return logits
-
-    def _compiled_call(self, *args) -> torch.Tensor:
-        # dynamo's counter is process-wide; what it gains during our own call (under our lock)
-        # is ours, so other instances compiling do not count here.
+    def _run_batch(self, batch, timings: CallTimings, events: list) -> torch.Tensor:
+        """One launch -> logits (num_seqs, labels) on the device, in memory this call owns."""
+        args = batch.device_args(self.device)
         before = compile_count()
-        out = self._logits(*args)
-        self.compiles += compile_count() - before
-        return out
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        with self._static_graph_limit():
+            out = self._logits(*args)
+        # Copied here, outside the compiled function and before the next launch: under CUDA graphs
+        # `out` is the graph's static output, which the next replay overwrites (a clone made inside
+        # the compiled function lives in the graph's memory pool too).
+        logits = out[: batch.num_seqs].clone()
+        if cuda:
+            end.record()
+            events.append((start, end))
+        else:
+            timings.forward_s += time.perf_counter() - t
+        self.compiles += compile_count() - before  # under our lock: other instances do not count
+        self._note_shape(batch.shape_key, timings)
+        timings.real_tokens += batch.real_tokens
+        timings.padded_tokens += batch.padded_tokens
+        timings.batches += 1
+        return logits
 
-    def _check_recompiles(self):
+    def _static_graph_limit(self):
+        if not (self.compile_enabled and not self.dynamic):
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(recompile_limit=self._graph_limit)
+
+    def _note_shape(self, key, timings: CallTimings):
+        if key in self._shapes_seen:
+            return
+        self._shapes_seen.add(key)
+        if self._compiles_after_warmup is not None:
+            timings.new_shapes.append(key)
+            self.unwarmed_shapes.append(key)
+
+    def _warn_new_graphs(self):
+        """A compile or a CUDA-graph recording after warm-up runs inside a user's call: say so, once per
+        new graph. Dynamo's counter does not see CUDA-graph recordings, so new shapes count them."""
         if self._compiles_after_warmup is None or not self.compile_enabled:
             return
-        extra = self.compiles - self._compiles_after_warmup
-        if extra > self._warned_recompiles:
-            self._warned_recompiles = extra
-            warnings.warn(f"{extra} graph compile(s) after warm-up (expected 0): inputs hit shapes the warm-up did not", stacklevel=4)
+        compiles = self.compiles - self._compiles_after_warmup
+        recordings = len(self.unwarmed_shapes) if self.uses_cuda_graphs else 0
+        if compiles > self._warned[0] or recordings > self._warned[1]:
+            self._warned = (compiles, recordings)
+            warnings.warn(f"{compiles} graph compile(s) after warm-up and {recordings} CUDA-graph recording(s) "
+                          f"(expected 0): shapes the warm-up did not run: {self.unwarmed_shapes[:8]}", stacklevel=5)
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(name: str, *, local_files_only: bool = False) -> str:
+    """A local checkpoint directory for a directory or a hub id (fetched by huggingface_hub, as
+    CrossEncoder would). jina-reranker-v2's layout loads into XLM-R with unmatched weights (random
+    scores, silently), so it is converted to the native layout once and cached."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(name, local_files_only=local_files_only)
+        except Exception as e:  # not a repo id, not cached offline, no network, ...
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"model_name_or_path {name!r} is not a local directory and could not be fetched "
+                             f"from the hub ({reason})") from None
+    from models import is_jina_checkpoint, native_checkpoint  # the conversion only; no hub probe or twin
+
+    return native_checkpoint(path) if is_jina_checkpoint(path) else path
 
 
 def validate_pairs(inputs) -> list[tuple[str, str]]:
@@ -628,11 +471,6 @@ def validate_pairs(inputs) -> list[tuple[str, str]]:
                 raise TypeError(f"inputs[{i}][{j}] must be a str, got {type(text).__name__}")
         pairs.append((pair[0], pair[1]))
     return pairs
-
-
-def _new_timings() -> dict:
-    """What `last_timings` reports for one call: host seconds, forward seconds, token counts."""
-    return dict(tokenize_s=0.0, pack_s=0.0, forward_s=0.0, real_tokens=0, padded_tokens=0, batches=0)
 
 
 def _check_int(name: str, value) -> None:

@@ -33,3 +33,31 @@ def assert_same_logits(out, ref, tol: float = TOL, what: str = "logits"):
     assert ref.std() > 1e-3, f"reference logits barely vary (std {ref.std():.2e}); the comparison proves nothing"
     diff = np.abs(out - ref).max()
     assert diff <= tol, f"{what}: max |logit diff| {diff:.2e} > {tol:.0e}"
+
+
+def reference_attention(q, k, v, cu, scale=None):
+    """(tokens, heads, dim) -> same: each [cu[i], cu[i+1]) segment attends only to itself, plain
+    SDPA per segment; rows outside every segment stay zero."""
+    import torch.nn.functional as F
+
+    out = torch.zeros_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if b > a:
+            seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # (heads, len, dim)
+            out[a:b] = F.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
+    return out
+
+
+def spy_logits(model, monkeypatch, before=None):
+    """Wrap the model's compiled forward: `before(*args)` runs first (it may raise, e.g. an emulated
+    out-of-memory); returns the list of argument tuples of the calls that went through."""
+    original, calls = model._logits, []
+
+    def spy(*args):
+        if before is not None:
+            before(*args)
+        calls.append(tuple(a.clone() for a in args))
+        return original(*args)
+
+    monkeypatch.setattr(model, "_logits", spy)
+    return calls

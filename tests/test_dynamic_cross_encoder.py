@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
-from dynamic_cross_encoder import DynamicCrossEncoder, bucket_length, plan_token_batches, token_buckets
+from dynamic_cross_encoder import DynamicCrossEncoder
+from packing import bucket_length, plan_token_batches, token_buckets
 
-from helpers import IDENTITY, TOL, assert_same_logits, workload
+from helpers import IDENTITY, TOL, assert_same_logits, spy_logits, workload
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +111,7 @@ def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
     pairs = workload(30, seed=1)
     ids, lengths = eager._tokenize(pairs)
     pad_id = eager.tokenizer.pad_token_id
-    seen = []
-    original = eager._logits
-
-    def recording(input_ids, attention_mask):
-        seen.append((input_ids.clone(), attention_mask.clone()))
-        return original(input_ids, attention_mask)
-
-    monkeypatch.setattr(eager, "_logits", recording)
+    seen = spy_logits(eager, monkeypatch)
     eager.predict(pairs, batch_size=8)
 
     assert len(seen) == -(-len(pairs) // 8)
@@ -135,9 +129,9 @@ def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
         real_rows += [tuple(r[:n].tolist()) for r, n in zip(input_ids, row_len)]
     # every tokenized pair went through exactly once (sorting only reorders)
     assert sorted(real_rows) == sorted(tuple(r[:n].tolist()) for r, n in zip(ids, lengths))
-    assert eager.last_timings["padded_tokens"] == sum(m.numel() for _, m in seen)
-    assert eager.last_timings["real_tokens"] == int(lengths.sum())
-    assert eager.last_timings["batches"] == len(seen)
+    assert eager.last_timings.padded_tokens == sum(m.numel() for _, m in seen)
+    assert eager.last_timings.real_tokens == int(lengths.sum())
+    assert eager.last_timings.batches == len(seen)
 
 
 def test_tokenization_equals_cross_encoder(eager, tiny_cross_encoder):

@@ -15,17 +15,12 @@ import torch.nn.functional as F
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
 import data
-from dynamic_cross_encoder import (
-    ATTENTION_BACKENDS,
-    DynamicCrossEncoder,
-    available_attention_backends,
-    compile_count,
-    pack_batch,
-)
+from dynamic_cross_encoder import DynamicCrossEncoder, compile_count
+from packing import ATTENTION_BACKENDS, attention_backends, pack_batch
 
-from helpers import EDGE_PAIRS, IDENTITY, LONG_TEXT, TOL, assert_same_logits, workload
+from helpers import EDGE_PAIRS, IDENTITY, LONG_TEXT, TOL, assert_same_logits, reference_attention, spy_logits, workload
 
-CPU_BACKENDS = available_attention_backends(torch.device("cpu"))
+CPU_BACKENDS = [name for name, _ in attention_backends("cpu", torch.float32)]
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +106,6 @@ def test_pack_batch_raises_on_overflow():
 # ---- attention backends --------------------------------------------------------------------
 
 
-def reference_attention(q, k, v, cu, scale):
-    """Each [cu[i], cu[i+1]) segment attends only to itself; plain SDPA per segment."""
-    out = torch.zeros_like(q)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        if b > a:
-            seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # (heads, len, dim)
-            out[a:b] = F.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
-    return out
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "cu",
@@ -161,7 +146,7 @@ def test_packed_logits_equal_cross_encoder(backend, compile, packed_model, refer
     pairs, ref = reference
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
     t = model.last_timings
-    assert t["real_tokens"] <= t["padded_tokens"] and t["padded_tokens"] % 256 == 0
+    assert t.real_tokens <= t.padded_tokens and t.padded_tokens % 256 == 0
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -171,19 +156,12 @@ def test_pairs_longer_than_the_token_budget(backend, packed_model, tiny_cross_en
     pairs = [["lorem", "ipsum"], [long_a, long_a[::-1]], ["dolor", ""], [long_a, "sit amet"], ["", ""]]
     _, lengths = model._tokenize(pairs)
     assert lengths.max() >= 300 and lengths.min() < 64
-    calls = []
-    original = model._logits
-
-    def counting(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(model, "_logits", counting)
+    calls = spy_logits(model, monkeypatch)
     ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
     seqs = [1 + int(torch.count_nonzero(cls)) for *_, cls in calls]  # cls_index: 0, then the other starts
     real = [int(cu[n]) for (_, _, cu, _), n in zip(calls, seqs)]
-    assert sum(seqs) == len(pairs) and len(calls) == model.last_timings["batches"]
+    assert sum(seqs) == len(pairs) and len(calls) == model.last_timings.batches
     assert all(r <= 64 or n == 1 for r, n in zip(real, seqs)), "a pair over the budget shared its batch"
     assert sum(r > 64 for r in real) == 2
 
@@ -225,29 +203,33 @@ def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
 
 @pytest.fixture(scope="module")
 def static_model(tiny_model_dir):
-    """Static graphs: one per (batch, width), so a width the warm-up did not see compiles again."""
+    """Static graphs: one per (batch, width); warm-up compiles every width at its batch size."""
     return DynamicCrossEncoder(tiny_model_dir, compile=True, dynamic=False, max_length=64, device="cpu", local_files_only=True)
 
 
 SHORT = [["lorem", "ipsum"]] * 4  # one (4, 16) batch
 
 
-def recompile_warnings(model, pairs) -> list[str]:
+def recompile_warnings(model, pairs, batch_size=4) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.predict(pairs, batch_size=4)
+        model.predict(pairs, batch_size=batch_size)
     return [str(w.message) for w in caught if "after warm-up" in str(w.message)]
 
 
-def test_warning_when_a_graph_compiles_after_warmup(static_model):
+def test_static_warmup_covers_every_width_and_reports_a_new_batch_size(static_model):
     static_model.warmup(SHORT, batch_size=4)
     before, own = compile_count(), static_model.compiles
-    assert not recompile_warnings(static_model, SHORT)  # same shape again: no compile, no warning
-    longer = data.load_pairs(4, seed=3)  # width 32 or more
+    longer = data.load_pairs(7, seed=3)  # widths 32 and more, and a short last batch of 3 rows
+    assert not recompile_warnings(static_model, SHORT) and not recompile_warnings(static_model, longer)
+    assert compile_count() == before and static_model.unwarmed_shapes == []
     with pytest.warns(UserWarning, match=r"1 graph compile\(s\) after warm-up"):
-        static_model.predict(longer, batch_size=4)
+        static_model.predict(SHORT, batch_size=2)  # a batch size the warm-up did not run
     assert compile_count() == before + 1 and static_model.compiles == own + 1
-    assert not recompile_warnings(static_model, longer)  # warned once for that graph, not on every call
+    assert static_model.unwarmed_shapes == [("padded", 2, 16)]
+    assert static_model.last_timings.new_shapes == [("padded", 2, 16)]
+    assert not recompile_warnings(static_model, SHORT, 2)  # warned once for that graph, not on every call
+    assert static_model.last_timings.new_shapes == []
 
 
 def test_no_warning_for_graphs_compiled_elsewhere(static_model):

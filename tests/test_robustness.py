@@ -21,7 +21,7 @@ from sentence_transformers import CrossEncoder
 import data
 from dynamic_cross_encoder import DynamicCrossEncoder
 
-from helpers import IDENTITY, TOL, assert_same_logits
+from helpers import IDENTITY, TOL, assert_same_logits, spy_logits
 
 SMALL_MAX_LENGTH = 64  # keeps the property-based test fast; texts go well past it
 
@@ -138,21 +138,17 @@ def test_bad_constructor_arguments_refused(tiny_model_dir, name, value):
 
 def oom_above(model, monkeypatch, limit: int):
     """Make the model's forward raise OutOfMemoryError for batches of more than `limit` pairs;
-    returns the sizes of the batches that ran."""
-    original, ran = model._logits, []
+    returns a function giving the sizes of the batches that ran so far."""
 
-    def forward(*args):
-        if model.packed:
-            n = 1 + int(torch.count_nonzero(args[3]))  # cls_index: 0, then the nonzero starts of the other pairs
-        else:
-            n = args[0].shape[0]
-        if n > limit:
+    def sizes(*args):
+        return 1 + int(torch.count_nonzero(args[3])) if model.packed else args[0].shape[0]  # cls_index: 0, then the other starts
+
+    def oom(*args):
+        if sizes(*args) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        ran.append(n)
-        return original(*args)
 
-    monkeypatch.setattr(model, "_logits", forward)
-    return ran
+    calls = spy_logits(model, monkeypatch, before=oom)
+    return lambda: [sizes(*args) for args in calls]
 
 
 @pytest.mark.parametrize("path", ["padded", "packed"])
@@ -162,7 +158,7 @@ def test_out_of_memory_splits_and_scores_every_pair(path, models_64, ce_64, monk
     ran = oom_above(model, monkeypatch, 2)
     with pytest.warns(UserWarning, match="out of memory.*split"):
         out = model.predict(PAIRS, activation_fn=IDENTITY, batch_size=8)
-    assert sum(ran) == len(PAIRS) and max(ran) <= 2
+    assert sum(ran()) == len(PAIRS) and max(ran()) <= 2
     assert_same_logits(out, ref)
 
 
