@@ -21,6 +21,7 @@ import contextlib
 import os
 import threading
 import time
+import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch
 from sentence_transformers import CrossEncoder
 from tqdm.auto import tqdm
 
+from pair_tokenizer import PairTokenizer, Ragged
 from packing import (
     ATTENTION_BACKENDS,
     BUCKET_MULTIPLE,
@@ -50,6 +52,19 @@ from packing import (
 # torch.compile modes that capture CUDA graphs: a graph is recorded per input shape, and every
 # replay writes its outputs into the same memory.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def chunk_bounds(n: int, batch_size: int, first: int = 256, largest: int = 4096) -> list[tuple[int, int]]:
+    """[lo, hi) chunks of a call's n pairs, tokenized one ahead of the one being launched. The first is
+    small so the GPU starts early; each next one doubles up to `largest`, which keeps the tokenizer's
+    threads busy (a parallel encode of a few dozen pairs leaves cores idle). Sizes are multiples of
+    batch_size, so only the call's last batch can be short."""
+    size, cap = (-(-x // batch_size) * batch_size for x in (first, largest))
+    bounds, lo = [], 0
+    while lo < n:
+        bounds.append((lo, min(n, lo + size)))
+        lo, size = lo + size, min(cap, 2 * size)
+    return bounds
 
 
 def device_defaults(device) -> dict:
@@ -147,6 +162,8 @@ class DynamicCrossEncoder(CrossEncoder):
         self.unwarmed_shapes: list = []  # shapes met after warm-up that it did not run, in order
         self._warned = (0, 0)
         self._graph_limit = 8  # dynamo's default recompile limit
+        self._pairs_tok: PairTokenizer | None = None
+        self._host_only = False
         self._setup_forward(packed, attention_backend)
 
     def _check_max_length(self, max_length):
@@ -169,7 +186,7 @@ class DynamicCrossEncoder(CrossEncoder):
         else:
             self.attention_backend, self.attention_reason = self.model.config._attn_implementation, "the model's own"
             fn = self._padded_logits
-        self._logits = torch.compile(fn, mode=self.compile_mode, dynamic=self.dynamic) if self.compile_enabled else fn
+        self._logits = torch.compile(_own_code(fn), mode=self.compile_mode, dynamic=self.dynamic) if self.compile_enabled else fn
 
     @property
     def position_limit(self) -> int:
@@ -261,6 +278,24 @@ class DynamicCrossEncoder(CrossEncoder):
         self.unwarmed_shapes, self._warned = [], (0, 0)
         return self.compile_seconds
 
+    def host_seconds(self, pairs, batch_size: int = 32) -> float:
+        """Seconds a `predict` call on `pairs` spends on all but the forward: tokenize, sort, pack, copy
+        to the device, restore the order. len(pairs) / this is the most pairs/s this process can feed
+        the GPU, whatever the GPU's speed."""
+        _check_int("batch_size", batch_size)
+        pairs = validate_pairs(pairs)
+        kept = self.last_timings
+        with self._lock, torch.inference_mode():
+            self._host_only = True
+            try:
+                _sync(self.device)
+                start = time.perf_counter()
+                self._predict_logits(pairs, batch_size, progress=False)
+                _sync(self.device)
+                return time.perf_counter() - start
+            finally:
+                self._host_only, self.last_timings = False, kept
+
     def _warmup_shapes(self, batch_size: int) -> list:
         """Largest first: autotuning picks its kernels on the first shape it sees."""
         if self.packed:
@@ -278,25 +313,29 @@ class DynamicCrossEncoder(CrossEncoder):
         return max(8, len(self._warmup_shapes(batch_size)) + 1)
 
     def _dummy_batch(self, shape, batch_size):
+        """A batch of `shape` filled with full-length sequences, like a real full batch."""
         tok = self.tokenizer
-        if self.packed:  # as many full-length sequences as fit, like a real full batch
+        if self.packed:
             length = min(shape, self.max_seq_length)
             n = max(1, min(batch_size, shape // length))
-            ids = np.full((n, length), tok.unk_token_id, dtype=np.int64)
-            ids[:, 0] = tok.cls_token_id
-            return pack_batch(ids, np.full(n, length), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
+            flat = np.full(n * length, tok.unk_token_id, dtype=np.int32)
+            flat[::length] = tok.cls_token_id
+            return pack_batch(flat, np.full(n, length), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
         rows, width = shape
-        ids = np.full((rows, width), tok.unk_token_id, dtype=np.int64)
-        return PaddedBatch.build(ids, np.full(rows, width), width=width, pad_id=tok.pad_token_id)
+        flat = np.full(rows * width, tok.unk_token_id, dtype=np.int32)
+        return PaddedBatch.build(flat, np.full(rows, width), width=width, pad_id=tok.pad_token_id)
 
     # --- the fast path --------------------------------------------------------------------------
 
-    def _tokenize(self, pairs):
-        """-> (ids (n, seq) int64 right-padded, lengths (n,)); truncation exactly as CrossEncoder."""
-        enc = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
-                             max_length=self.max_seq_length, padding=True, padding_side="right",
-                             return_tensors="np", return_token_type_ids=False)
-        return enc["input_ids"].astype(np.int64, copy=False), enc["attention_mask"].sum(1)
+    def _pair_tokenizer(self) -> PairTokenizer:
+        """The host tokenizer for the current max_seq_length (users may change it between calls)."""
+        if self._pairs_tok is None or self._pairs_tok.max_length != self.max_seq_length:
+            self._pairs_tok = PairTokenizer(self.tokenizer, self.max_seq_length)
+        return self._pairs_tok
+
+    def _encode(self, pairs) -> Ragged:
+        """Token ids exactly as CrossEncoder's tokenizer call gives them (longest_first at max_length)."""
+        return self._pair_tokenizer().encode(pairs)
 
     def _predict_logits(self, pairs, batch_size: int, progress: bool) -> torch.Tensor:
         """-> float32 logits (pairs, labels) on the CPU, in the caller's order."""
@@ -307,7 +346,7 @@ class DynamicCrossEncoder(CrossEncoder):
         batches = self._packed_batches if self.packed else self._padded_batches
         out, order, events = [], [], []  # events: (start, end) per launch on CUDA
         with tqdm(total=len(pairs), desc="Pairs", disable=not progress) as bar:
-            for batch, rows in batches(pairs, batch_size, timings):
+            for batch, rows in batches(self._encoded_chunks(pairs, batch_size, timings), batch_size, timings):
                 out.append(self._run_with_retry(batch, timings, events))
                 order.append(rows)
                 bar.update(len(rows))
@@ -319,49 +358,55 @@ class DynamicCrossEncoder(CrossEncoder):
         restored[torch.from_numpy(np.concatenate(order))] = logits
         return restored
 
-    def _padded_batches(self, pairs, batch_size, timings):
-        """Yields (PaddedBatch, row indices into pairs): the call tokenized once, longest first."""
-        t0 = time.perf_counter()
-        ids, lengths = self._tokenize(pairs)
-        timings.tokenize_s = time.perf_counter() - t0
-        order = np.argsort(-lengths, kind="stable")  # longest first, like CrossEncoder
-        for start in range(0, len(order), batch_size):
+    def _encoded_chunks(self, pairs, batch_size, timings):
+        """Yields (row indices into pairs, Ragged ids) chunk by chunk; chunk i + 1 is tokenized in a
+        worker thread (the tokenizer releases the GIL) while chunk i is packed and launched."""
+        bounds = chunk_bounds(len(pairs), batch_size)
+        encoder = self._pair_tokenizer()
+
+        def encode(lo, hi):
             t = time.perf_counter()
-            rows = order[start : start + batch_size]
-            width = bucket_length(int(lengths[rows].max()), self.bucket_multiple)
-            # per-shape graphs: a short last batch is filled up with copies of its own rows (their
-            # logits are dropped), so every batch has one of the shapes warmup() ran
-            fill = rows if not self.graphs_per_shape else np.resize(rows, batch_size)
-            batch = PaddedBatch.build(ids[fill], lengths[fill], width=width, pad_id=self.tokenizer.pad_token_id, rows=len(rows))
-            timings.pack_s += time.perf_counter() - t
-            yield batch, rows
+            return encoder.encode(pairs[lo:hi]), time.perf_counter() - t
 
-    def _packed_batches(self, pairs, batch_size, timings):
-        """Yields (PackedBatch, row indices into pairs). Character length stands in for token length so
-        tokenization can stream: chunk i + 1 is tokenized in a worker thread (the tokenizer releases
-        the GIL) while chunk i is packed and launched, and the GPU works through its queue."""
-        order = np.argsort([-(len(a) + len(b)) for a, b in pairs], kind="stable")
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-        def tokenize(rows):
-            t = time.perf_counter()
-            result = self._tokenize([pairs[i] for i in rows])
-            return result, time.perf_counter() - t
-
-        pin = self.device.type == "cuda"
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(tokenize, chunks[0])
-            for c, rows in enumerate(chunks):
-                (ids, lengths), seconds = pending.result()
+            pending = pool.submit(encode, *bounds[0])
+            for i, (lo, hi) in enumerate(bounds):
+                ragged, seconds = pending.result()
                 timings.tokenize_s += seconds
-                if c + 1 < len(chunks):
-                    pending = pool.submit(tokenize, chunks[c + 1])
-                for lo, hi in plan_token_batches(lengths, self.max_tokens_per_batch, batch_size):
-                    t = time.perf_counter()
-                    part = lengths[lo:hi]
-                    batch = pack_batch(ids[lo:hi, : part.max()], part, max_seqs=batch_size, pad_id=self.tokenizer.pad_token_id, pin=pin)
-                    timings.pack_s += time.perf_counter() - t
-                    yield batch, rows[lo:hi]
+                if i + 1 < len(bounds):
+                    pending = pool.submit(encode, *bounds[i + 1])
+                yield np.arange(lo, hi), ragged
+
+    def _padded_batches(self, chunks, batch_size, timings):
+        """Yields (PaddedBatch, row indices into pairs): each chunk sorted longest first (as
+        CrossEncoder sorts its call), cut into batches padded to the next bucket."""
+        pad_id = self.tokenizer.pad_token_id
+        for chunk_rows, ids in chunks:
+            t = time.perf_counter()
+            order = np.argsort(-ids.lengths, kind="stable")
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                # per-shape graphs: a short last batch is filled up with copies of its own rows (their
+                # logits are dropped), so every batch has one of the shapes warmup() ran
+                part = ids.take(rows if not self.graphs_per_shape else np.resize(rows, batch_size))
+                width = bucket_length(int(part.lengths.max()), self.bucket_multiple)
+                batch = PaddedBatch.build(part.flat, part.lengths, width=width, pad_id=pad_id, rows=len(rows))
+                timings.pack_s += time.perf_counter() - t
+                yield batch, chunk_rows[rows]
+                t = time.perf_counter()
+
+    def _packed_batches(self, chunks, batch_size, timings):
+        """Yields (PackedBatch, row indices into pairs): sequences in the caller's order (without
+        padding their order does not matter), cut by the token budget and batch_size."""
+        pin, pad_id = self.device.type == "cuda", self.tokenizer.pad_token_id
+        for chunk_rows, ids in chunks:
+            t = time.perf_counter()
+            starts = ids.starts
+            for lo, hi in plan_token_batches(ids.lengths, self.max_tokens_per_batch, batch_size):
+                batch = pack_batch(ids.flat[starts[lo] : starts[hi]], ids.lengths[lo:hi], max_seqs=batch_size, pad_id=pad_id, pin=pin)
+                timings.pack_s += time.perf_counter() - t
+                yield batch, chunk_rows[lo:hi]
+                t = time.perf_counter()
 
     def _run_with_retry(self, batch, timings, events) -> torch.Tensor:
         """Run one batch; on out-of-memory split it in halves and retry, so no pair is lost."""
@@ -385,8 +430,11 @@ class DynamicCrossEncoder(CrossEncoder):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t = time.perf_counter()
-        with self._static_graph_limit():
-            out = self._logits(*args)
+        if self._host_only:  # host_seconds(): everything but the forward
+            out = torch.zeros(batch.num_seqs, self.num_labels, device=self.device)
+        else:
+            with self._static_graph_limit():
+                out = self._logits(*args)
         # Copied here, outside the compiled function and before the next launch: under CUDA graphs
         # `out` is the graph's static output, which the next replay overwrites (a clone made inside
         # the compiled function lives in the graph's memory pool too).
@@ -397,7 +445,8 @@ class DynamicCrossEncoder(CrossEncoder):
         else:
             timings.forward_s += time.perf_counter() - t
         self.compiles += compile_count() - before  # under our lock: other instances do not count
-        self._note_shape(batch.shape_key, timings)
+        if not self._host_only:
+            self._note_shape(batch.shape_key, timings)
         timings.real_tokens += batch.real_tokens
         timings.padded_tokens += batch.padded_tokens
         timings.batches += 1
@@ -430,6 +479,15 @@ class DynamicCrossEncoder(CrossEncoder):
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _own_code(method):
+    """The bound method on a private copy of its code object. Dynamo keeps compiled graphs, and counts
+    its recompile limit, per code object: without this, graphs of every instance in the process
+    would count against each one's limit (and the limit, once hit, runs that code eager for good)."""
+    f = method.__func__
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(own, method.__self__)
 
 
 def checkpoint_dir(name: str, *, local_files_only: bool = False) -> str:

@@ -107,13 +107,13 @@ class PaddedBatch:
     rows: int | None = None
 
     @classmethod
-    def build(cls, ids: np.ndarray, lengths: np.ndarray, *, width: int, pad_id: int, rows: int | None = None) -> PaddedBatch:
-        """ids: (n, seq) right-padded, lengths: (n,) -> a batch exactly `width` tokens wide, whose
-        first `rows` rows (default n) are real."""
+    def build(cls, flat: np.ndarray, lengths: np.ndarray, *, width: int, pad_id: int, rows: int | None = None) -> PaddedBatch:
+        """flat: (tokens,) ids of the sequences back to back, lengths: (n,) -> a batch exactly `width`
+        tokens wide (>= the longest), whose first `rows` rows (default n) are real."""
         batch = np.full((2, len(lengths), width), pad_id, dtype=np.int64)
-        take = min(width, ids.shape[1])
-        batch[0, :, :take] = ids[:, :take]
-        batch[1] = np.arange(width)[None, :] < lengths[:, None]
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        batch[0][mask] = flat
+        batch[1] = mask
         return cls(torch.from_numpy(batch), rows)
 
     @property
@@ -187,19 +187,17 @@ class PackedBatch:
             return None
         ids, _, cu, _ = (v.numpy() for v in self.views())
         starts = cu[: n + 1].astype(np.int64)
-        lengths = np.diff(starts)
-        rows = np.zeros((n, int(lengths.max())), dtype=np.int64)
-        rows[np.arange(rows.shape[1])[None, :] < lengths[:, None]] = ids[: starts[-1]]
+        lengths, h = np.diff(starts), n // 2
         pin = self.buffer.is_pinned()
-        return [pack_batch(rows[a:b], lengths[a:b], max_seqs=self.max_seqs, pad_id=pad_id, pin=pin)
-                for a, b in ((0, n // 2), (n // 2, n))]
+        return [pack_batch(ids[starts[a] : starts[b]], lengths[a:b], max_seqs=self.max_seqs, pad_id=pad_id, pin=pin)
+                for a, b in ((0, h), (h, n))]
 
 
-def pack_batch(ids: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: int, pin: bool,
+def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: int, pin: bool,
                tokens: int | None = None) -> PackedBatch:
-    """Pack right-padded token ids into one flat batch.
+    """Pack sequences into one flat batch.
 
-    ids: (batch, seq) right-padded, lengths: (batch,) real token counts -> PackedBatch with
+    flat: (real tokens,) ids of the sequences back to back, lengths: (batch,) -> PackedBatch with
     `tokens` rows (default: the real token count rounded up to TOKEN_MULTIPLE). Array operations
     only, no per-token Python loop.
     """
@@ -211,8 +209,7 @@ def pack_batch(ids: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: i
     buf = torch.empty(2 * tokens + 2 * max_seqs + 2, dtype=torch.int32, pin_memory=pin)
     batch = PackedBatch(buf, tokens, max_seqs, n, real)
     flat_ids, pos, cu, cls = (v.numpy() for v in batch.views())
-    mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-    flat_ids[:real] = ids[mask]
+    flat_ids[:real] = flat
     flat_ids[real:] = pad_id
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])

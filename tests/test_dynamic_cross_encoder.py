@@ -109,7 +109,8 @@ def test_plan_token_batches_properties(lengths, max_tokens, max_seqs):
 
 def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
     pairs = workload(30, seed=1)
-    ids, lengths = eager._tokenize(pairs)
+    enc = eager._encode(pairs)
+    ids, lengths = enc.padded(int(enc.lengths.max()), eager.tokenizer.pad_token_id), enc.lengths
     pad_id = eager.tokenizer.pad_token_id
     seen = spy_logits(eager, monkeypatch)
     eager.predict(pairs, batch_size=8)
@@ -138,7 +139,8 @@ def test_tokenization_equals_cross_encoder(eager, tiny_cross_encoder):
     ce = tiny_cross_encoder
     assert eager.max_seq_length == ce.max_seq_length
     pairs = workload(20, seed=2)
-    ids, lengths = eager._tokenize(pairs)
+    ours = eager._encode(pairs)
+    ids, lengths = ours.padded(int(ours.lengths.max()), 1), ours.lengths
     enc = ce.preprocess(pairs)
     ref_lengths = enc["attention_mask"].sum(1).numpy()
     assert lengths.tolist() == ref_lengths.tolist()
@@ -195,7 +197,7 @@ def test_random_words_pairs_cover_bucket_edges(eager, tiny_cross_encoder):
     rng = random.Random(5)
     words = lambda: " ".join(rng.choices(data.WORDS, k=rng.randint(0, 40)))  # noqa: E731
     pairs = [[words(), words()] for _ in range(60)]
-    _, lengths = eager._tokenize(pairs)
+    lengths = eager._encode(pairs).lengths
     assert len({int(n) % 16 for n in lengths}) >= 10
     ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY, batch_size=5)
     assert_same_logits(eager.predict(pairs, activation_fn=IDENTITY, batch_size=5), ref)

@@ -58,9 +58,14 @@ def padded_ids(lengths, pad_id=1, seed=0):
     return ids, np.array(lengths, dtype=np.int64)
 
 
+def back_to_back(ids, lengths):
+    """(batch, seq) right-padded -> (tokens,) back to back, lengths."""
+    return ids[np.arange(ids.shape[1])[None, :] < lengths[:, None]], lengths
+
+
 def test_pack_batch_layout():
     ids, lengths = padded_ids([5, 1, 3])
-    batch = pack_batch(ids, lengths, tokens=16, max_seqs=5, pad_id=1, pin=False)
+    batch = pack_batch(*back_to_back(ids, lengths), tokens=16, max_seqs=5, pad_id=1, pin=False)
     flat, pos, cu, cls = batch.views()
     assert [v.dtype for v in (flat, pos, cu, cls)] == [torch.int32] * 4
     assert [v.shape[0] for v in (flat, pos, cu, cls)] == [16, 16, 5 + 2, 5]
@@ -79,7 +84,7 @@ def test_pack_batch_layout():
 def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
     pad_id = 1
     ids, lengths = padded_ids(lengths, pad_id, seed=len(lengths))
-    batch = pack_batch(ids, lengths, tokens=tokens, max_seqs=max_seqs, pad_id=pad_id, pin=False)
+    batch = pack_batch(*back_to_back(ids, lengths), tokens=tokens, max_seqs=max_seqs, pad_id=pad_id, pin=False)
     flat, pos, cu, cls = (v.long() for v in batch.views())
     mask = torch.from_numpy(np.arange(ids.shape[1])[None, :] < lengths[:, None])
     ref_pos = XLMRobertaEmbeddings.create_position_ids_from_input_ids(torch.from_numpy(ids), pad_id)
@@ -96,10 +101,10 @@ def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
 def test_pack_batch_raises_on_overflow():
     ids, lengths = padded_ids([10, 10, 10])
     with pytest.raises(ValueError, match="does not fit"):
-        pack_batch(ids, lengths, tokens=29, max_seqs=8, pad_id=1, pin=False)  # too many tokens
+        pack_batch(*back_to_back(ids, lengths), tokens=29, max_seqs=8, pad_id=1, pin=False)  # too many tokens
     with pytest.raises(ValueError, match="does not fit"):
-        pack_batch(ids, lengths, tokens=64, max_seqs=2, pad_id=1, pin=False)  # too many sequences
-    full = pack_batch(ids, lengths, tokens=30, max_seqs=3, pad_id=1, pin=False)  # exactly full: no pad tail
+        pack_batch(*back_to_back(ids, lengths), tokens=64, max_seqs=2, pad_id=1, pin=False)  # too many sequences
+    full = pack_batch(*back_to_back(ids, lengths), tokens=30, max_seqs=3, pad_id=1, pin=False)  # exactly full: no pad tail
     assert full.views()[2].tolist() == [0, 10, 20, 30, 30]
 
 
@@ -154,7 +159,7 @@ def test_pairs_longer_than_the_token_budget(backend, packed_model, tiny_cross_en
     model = packed_model(backend, False, max_tokens_per_batch=64)
     long_a = " ".join(data.SENTENCES[:18])
     pairs = [["lorem", "ipsum"], [long_a, long_a[::-1]], ["dolor", ""], [long_a, "sit amet"], ["", ""]]
-    _, lengths = model._tokenize(pairs)
+    lengths = model._encode(pairs).lengths
     assert lengths.max() >= 300 and lengths.min() < 64
     calls = spy_logits(model, monkeypatch)
     ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
