@@ -31,7 +31,7 @@ import torch
 from sentence_transformers import CrossEncoder
 from tqdm.auto import tqdm
 
-from pair_tokenizer import PairTokenizer, Ragged
+from pair_tokenizer import PairTokenizer, Ragged, validate_pairs
 from packing import (
     ATTENTION_BACKENDS,
     BUCKET_MULTIPLE,
@@ -40,6 +40,7 @@ from packing import (
     PaddedBatch,
     bucket_length,
     choose_attention_backend,
+    chunk_bounds,
     is_cuda,
     pack_batch,
     packed_forward,
@@ -52,19 +53,6 @@ from packing import (
 # torch.compile modes that capture CUDA graphs: a graph is recorded per input shape, and every
 # replay writes its outputs into the same memory.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def chunk_bounds(n: int, batch_size: int, first: int = 256, largest: int = 4096) -> list[tuple[int, int]]:
-    """[lo, hi) chunks of a call's n pairs, tokenized one ahead of the one being launched. The first is
-    small so the GPU starts early; each next one doubles up to `largest`, which keeps the tokenizer's
-    threads busy (a parallel encode of a few dozen pairs leaves cores idle). Sizes are multiples of
-    batch_size, so only the call's last batch can be short."""
-    size, cap = (-(-x // batch_size) * batch_size for x in (first, largest))
-    bounds, lo = [], 0
-    while lo < n:
-        bounds.append((lo, min(n, lo + size)))
-        lo, size = lo + size, min(cap, 2 * size)
-    return bounds
 
 
 def device_defaults(device) -> dict:
@@ -138,9 +126,8 @@ class DynamicCrossEncoder(CrossEncoder):
             max_tokens_per_batch = defaults["max_tokens_per_batch"]
         checked = {"bucket_multiple": bucket_multiple, "max_tokens_per_batch": max_tokens_per_batch,
                    "max_length": kwargs.get("max_length")}
-        for name, value in checked.items():
-            if value is not None:
-                _check_int(name, value)
+        for name, value in ((k, v) for k, v in checked.items() if v is not None):
+            _check_int(name, value)
         kwargs["device"] = str(device)
         model_kwargs = {"dtype": defaults["dtype"], **(kwargs.pop("model_kwargs", None) or {})}
         path = checkpoint_dir(model_name_or_path, local_files_only=kwargs.get("local_files_only", False))
@@ -209,7 +196,8 @@ class DynamicCrossEncoder(CrossEncoder):
             path = f"packed, {self.attention_backend} ({self.attention_reason}), <= {self.max_tokens_per_batch} tokens/batch"
         else:
             path = f"padded to x{self.bucket_multiple}, {self.attention_backend}"
-        return f"DynamicCrossEncoder({path}; {how}; {str(self.model.dtype).removeprefix('torch.')})"
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return f"DynamicCrossEncoder({path}; {how}; {dtype}; host: {self._pair_tokenizer().describe()})"
 
     # --- the compiled boundary: what it returns may live in CUDA-graph memory (see _run_batch) ----
 
@@ -246,12 +234,7 @@ class DynamicCrossEncoder(CrossEncoder):
             scores = scores.squeeze(-1)
         elif apply_softmax:
             scores = torch.softmax(scores, dim=1)
-        if convert_to_tensor:
-            out = scores
-        elif convert_to_numpy:
-            out = scores.numpy()
-        else:
-            out = list(scores)
+        out = scores if convert_to_tensor else scores.numpy() if convert_to_numpy else list(scores)
         return out[0] if single else out
 
     def warmup(self, pairs=None, batch_size: int = 32, *, show_progress_bar: bool = False) -> float:
@@ -478,9 +461,6 @@ class DynamicCrossEncoder(CrossEncoder):
                           f"(expected 0): shapes the warm-up did not run: {self.unwarmed_shapes[:8]}", stacklevel=5)
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def _own_code(method):
     """The bound method on a private copy of its code object. Dynamo keeps compiled graphs, and counts
     its recompile limit, per code object: without this, graphs of every instance in the process
@@ -507,28 +487,6 @@ def checkpoint_dir(name: str, *, local_files_only: bool = False) -> str:
     from models import is_jina_checkpoint, native_checkpoint  # the conversion only; no hub probe or twin
 
     return native_checkpoint(path) if is_jina_checkpoint(path) else path
-
-
-def validate_pairs(inputs) -> list[tuple[str, str]]:
-    """Check a batch of [text_a, text_b] pairs; lists, tuples and numpy arrays are accepted.
-    Raises TypeError / ValueError naming the offending index."""
-    if isinstance(inputs, np.ndarray):
-        inputs = inputs.tolist()
-    if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__len__"):
-        raise TypeError(f"inputs must be a list of [text_a, text_b] pairs, got {type(inputs).__name__}")
-    pairs = []
-    for i, pair in enumerate(inputs):
-        if isinstance(pair, np.ndarray):
-            pair = pair.tolist()
-        if not isinstance(pair, (list, tuple)):
-            raise TypeError(f"inputs[{i}] must be a [text_a, text_b] pair, got {type(pair).__name__}")
-        if len(pair) != 2:
-            raise ValueError(f"inputs[{i}] must be a pair of 2 texts, got {len(pair)} item(s)")
-        for j, text in enumerate(pair):
-            if not isinstance(text, str):
-                raise TypeError(f"inputs[{i}][{j}] must be a str, got {type(text).__name__}")
-        pairs.append((pair[0], pair[1]))
-    return pairs
 
 
 def _check_int(name: str, value) -> None:

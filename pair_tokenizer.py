@@ -18,6 +18,28 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def validate_pairs(inputs) -> list[tuple[str, str]]:
+    """Check a batch of [text_a, text_b] pairs; lists, tuples and numpy arrays are accepted.
+    Raises TypeError / ValueError naming the offending index."""
+    if isinstance(inputs, np.ndarray):
+        inputs = inputs.tolist()
+    if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__len__"):
+        raise TypeError(f"inputs must be a list of [text_a, text_b] pairs, got {type(inputs).__name__}")
+    pairs = []
+    for i, pair in enumerate(inputs):
+        if isinstance(pair, np.ndarray):
+            pair = pair.tolist()
+        if not isinstance(pair, (list, tuple)):
+            raise TypeError(f"inputs[{i}] must be a [text_a, text_b] pair, got {type(pair).__name__}")
+        if len(pair) != 2:
+            raise ValueError(f"inputs[{i}] must be a pair of 2 texts, got {len(pair)} item(s)")
+        for j, text in enumerate(pair):
+            if not isinstance(text, str):
+                raise TypeError(f"inputs[{i}][{j}] must be a str, got {type(text).__name__}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
 def ragged_arange(lengths: np.ndarray) -> np.ndarray:
     """(n,) segment lengths -> (lengths.sum(),) position of each element within its segment."""
     starts = np.cumsum(lengths) - lengths

@@ -1,0 +1,131 @@
+"""pair_tokenizer.py: the host tokenizer gives exactly the ids of the transformers tokenizer call that
+CrossEncoder makes (`longest_first` at max_length), pair by pair, for any texts; each distinct text
+is encoded once; tokenizers it cannot reproduce fall back to that call and say so."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import data
+from pair_tokenizer import PairTokenizer, Ragged, longest_first, ragged_arange
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_cross_encoder):
+    return tiny_cross_encoder.tokenizer
+
+
+def reference_ids(tokenizer, pairs, max_length) -> list[list[int]]:
+    """What CrossEncoder.preprocess feeds the model, without the padding."""
+    enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=max_length)
+    return enc["input_ids"]
+
+
+def as_lists(ragged: Ragged) -> list[list[int]]:
+    s = ragged.starts
+    return [ragged.flat[s[i] : s[i + 1]].tolist() for i in range(len(ragged.lengths))]
+
+
+words = st.sampled_from(data.WORDS)
+scripts = st.sampled_from(["Καλημέρα κόσμε", "こんにちは世界", "Привет мир", "مرحبا", "नमस्ते", "😀🎉👍🏽", "a\u200bb", "  ", "\t\n"])
+text = st.one_of(
+    st.lists(st.one_of(words, scripts), max_size=60).map(" ".join),  # 0 words up to ~2x the tiny limit
+    st.text(max_size=80),  # any unicode, control characters and surrogates' neighbours included
+    st.just(" ".join(data.SENTENCES[:60])),  # far over any limit here
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs=st.lists(st.tuples(text, text), min_size=1, max_size=12), max_length=st.sampled_from([32, 33, 64, 127, 512]))
+def test_ids_equal_the_transformers_call(tokenizer, pairs, max_length):
+    got = PairTokenizer(tokenizer, max_length).encode(pairs)
+    assert as_lists(got) == reference_ids(tokenizer, pairs, max_length)
+
+
+@settings(max_examples=30, deadline=None)
+@given(query=text, docs=st.lists(text, min_size=1, max_size=12), max_length=st.sampled_from([32, 65, 512]))
+def test_rerank_reuses_the_query_and_truncates_like_the_pair(tokenizer, query, docs, max_length):
+    pairs = [(query, d) for d in docs]
+    host = PairTokenizer(tokenizer, max_length)
+    encoded = []
+    host.backend = _Spy(host.backend, encoded)
+    assert as_lists(host.encode(pairs)) == reference_ids(tokenizer, pairs, max_length)
+    assert encoded[0] == [query], "the query is encoded once per call"
+
+
+class _Spy:
+    """A tokenizers.Tokenizer stand-in that records which texts each encode_batch_fast call got."""
+
+    def __init__(self, backend, log):
+        self._backend, self._log = backend, log
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self._log.append(list(texts))
+        return self._backend.encode_batch_fast(texts, **kwargs)
+
+
+def test_edge_pairs_and_lengths(tokenizer):
+    long = " ".join(data.SENTENCES[:80])
+    pairs = [("", ""), ("", long), (long, ""), (long, long), ("lorem", "ipsum"), ("ipsum", "lorem")]
+    got = PairTokenizer(tokenizer, 64).encode(pairs)
+    assert as_lists(got) == reference_ids(tokenizer, pairs, 64)
+    assert got.lengths.tolist() == [4, 64, 64, 64, got.lengths[4], got.lengths[5]]
+    assert got.flat.dtype == np.int32
+
+
+@pytest.mark.parametrize("n1, n2, budget, expected", [
+    (3, 4, 10, (3, 4)),      # fits: nothing cut
+    (2, 20, 10, (2, 8)),     # only the longer is cut, to budget - shorter
+    (20, 2, 10, (8, 2)),
+    (9, 20, 10, (5, 5)),     # both cut: half each
+    (20, 9, 11, (6, 5)),     # odd budget: the longer text keeps the extra token
+    (9, 20, 11, (5, 6)),
+    (0, 30, 10, (0, 10)),
+])
+def test_longest_first(n1, n2, budget, expected):
+    k1, k2 = longest_first(np.array([n1]), np.array([n2]), budget)
+    assert (int(k1[0]), int(k2[0])) == expected
+
+
+def test_ragged_helpers():
+    assert ragged_arange(np.array([2, 0, 3])).tolist() == [0, 1, 0, 1, 2]
+    r = Ragged(np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), np.array([2, 1, 3]))
+    assert r.starts.tolist() == [0, 2, 3, 6]
+    taken = r.take(np.array([2, 0]))
+    assert taken.flat.tolist() == [4, 5, 6, 1, 2] and taken.lengths.tolist() == [3, 2]
+    assert r.padded(4, 0).tolist() == [[1, 2, 0, 0], [3, 0, 0, 0], [4, 5, 6, 0]]
+    back = Ragged.from_padded(r.padded(4, 9), r.lengths)
+    assert back.flat.tolist() == r.flat.tolist()
+
+
+class _NoBackend:
+    """A tokenizer with only the transformers call (as a slow Python tokenizer has)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def test_tokenizer_without_backend_falls_back_and_says_so(tokenizer):
+    host = PairTokenizer(_NoBackend(tokenizer), 64)
+    assert host.describe() == "transformers tokenizer call (_NoBackend has no `tokenizers` backend)"
+    pairs = [("lorem ipsum", "dolor"), ("", " ".join(data.SENTENCES[:20]))]
+    assert as_lists(host.encode(pairs)) == reference_ids(tokenizer, pairs, 64)
+
+
+def test_left_truncation_falls_back(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "truncation_side", "left")
+    assert PairTokenizer(tokenizer, 64).fallback_reason == "truncation_side='left'"
+
+
+def test_dynamic_cross_encoder_names_its_host_tokenizer(tiny_model_dir):
+    from dynamic_cross_encoder import DynamicCrossEncoder
+
+    model = DynamicCrossEncoder(tiny_model_dir, device="cpu", compile=False, local_files_only=True)
+    assert "host: tokenizers backend, each distinct text once" in model.describe()
+    pairs = data.load_pairs(20, seed=4)
+    seconds = model.host_seconds(pairs, batch_size=8)
+    assert seconds > 0 and model.last_timings.batches == 0  # the last real call's timings are kept
