@@ -363,7 +363,7 @@ class DynamicCrossEncoder(CrossEncoder):
     def _padded_batches(self, chunks, batch_size, timings):
         """Yields (PaddedBatch, row indices into pairs): each chunk sorted longest first (as
         CrossEncoder sorts its call), cut into batches padded to the next bucket."""
-        pad_id = self.tokenizer.pad_token_id
+        pin, pad_id = self.device.type == "cuda", self.tokenizer.pad_token_id
         for chunk_rows, ids in chunks:
             t = time.perf_counter()
             order = np.argsort(-ids.lengths, kind="stable")
@@ -373,7 +373,7 @@ class DynamicCrossEncoder(CrossEncoder):
                 # logits are dropped), so every batch has one of the shapes warmup() ran
                 part = ids.take(rows if not self.graphs_per_shape else np.resize(rows, batch_size))
                 width = bucket_length(int(part.lengths.max()), self.bucket_multiple)
-                batch = PaddedBatch.build(part.flat, part.lengths, width=width, pad_id=pad_id, rows=len(rows))
+                batch = PaddedBatch.build(part.flat, part.lengths, width=width, pad_id=pad_id, rows=len(rows), pin=pin)
                 timings.pack_s += time.perf_counter() - t
                 yield batch, chunk_rows[rows]
                 t = time.perf_counter()

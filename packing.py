@@ -120,14 +120,17 @@ class PaddedBatch:
     rows: int | None = None
 
     @classmethod
-    def build(cls, flat: np.ndarray, lengths: np.ndarray, *, width: int, pad_id: int, rows: int | None = None) -> PaddedBatch:
+    def build(cls, flat: np.ndarray, lengths: np.ndarray, *, width: int, pad_id: int, rows: int | None = None,
+              pin: bool = False) -> PaddedBatch:
         """flat: (tokens,) ids of the sequences back to back, lengths: (n,) -> a batch exactly `width`
-        tokens wide (>= the longest), whose first `rows` rows (default n) are real."""
-        batch = np.full((2, len(lengths), width), pad_id, dtype=np.int64)
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        batch[0][mask] = flat
-        batch[1] = mask
-        return cls(torch.from_numpy(batch), rows)
+        tokens wide (>= the longest), whose first `rows` rows (default n) are real. pin: build it in
+        pinned memory, so the copy to a GPU is one asynchronous transfer."""
+        buffer = torch.empty((2, len(lengths), width), dtype=torch.int64, pin_memory=pin)
+        ids, mask = buffer.numpy()
+        np.less(np.arange(width)[None, :], lengths[:, None], out=mask)
+        ids.fill(pad_id)
+        ids[mask.astype(bool)] = flat
+        return cls(buffer, rows)
 
     @property
     def num_seqs(self) -> int:
