@@ -21,6 +21,8 @@ import tempfile
 
 import torch
 
+import packing
+
 HUB_ID = "jinaai/jina-reranker-v2-base-multilingual"
 # A machine without hub access may drop packets instead of refusing them, and the hub client
 # has no timeout of its own: one short probe decides before any download starts.
@@ -361,29 +363,22 @@ def apply_transformers5_compat() -> None:
     xlmr.create_position_ids_from_input_ids = create_position_ids_from_input_ids
 
 
-def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def load_baseline(path, *, device, dtype, max_length) -> tuple["CrossEncoder", str]:
     """-> (CrossEncoder as users run it, attention name). dtype: a torch.dtype, or None for fp32
     on CPU and the config's dtype on CUDA. Jina checkpoints run their remote code."""
     from sentence_transformers import CrossEncoder
 
-    path, on_cuda = str(path), str(device).startswith("cuda")
+    path, on_cuda = str(path), packing.is_cuda(device)
     # flash-attn kernels take only fp16/bf16; None on CUDA means the config's bf16
-    flash = flash_attn_available() and on_cuda and dtype in (None, torch.float16, torch.bfloat16)
+    flash = packing.flash_attn_available() and on_cuda and dtype in (None, torch.float16, torch.bfloat16)
     model_kwargs = {"dtype": dtype if dtype is not None else ("auto" if on_cuda else torch.float32)}
     kwargs = dict(device=device, max_length=max_length, local_files_only=os.path.isdir(path))
     if is_jina_checkpoint(path):
         apply_transformers5_compat()
         model = CrossEncoder(path, trust_remote_code=True, config_kwargs={"use_flash_attn": flash},
                              model_kwargs=model_kwargs, **kwargs)
-        why = "flash-attn not installed" if not flash_attn_available() else f"no flash-attn on {device}, {dtype}"
+        why = ("flash-attn not installed" if not packing.flash_attn_available()
+               else f"no flash-attn on {device}, {dtype}")
         return model, "jina remote code + flash-attn" if flash else f"jina remote code ({why}: torch attention)"
     attention = "flash_attention_2" if flash else "sdpa"
     model = CrossEncoder(path, model_kwargs={**model_kwargs, "attn_implementation": attention}, **kwargs)

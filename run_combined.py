@@ -16,7 +16,8 @@ def setups(cfg, path, dtype):
 
 
 def main(argv=None):
-    return benchmark.main("Cross-encoder latency: baseline vs DynamicCrossEncoder", setups, exclude=("packed",), argv=argv)
+    return benchmark.main("Cross-encoder latency: baseline vs DynamicCrossEncoder", setups, exclude=("packed",),
+                          argv=argv)
 
 
 if __name__ == "__main__":

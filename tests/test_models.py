@@ -17,6 +17,7 @@ from transformers.models.xlm_roberta import modeling_xlm_roberta as xlmr
 
 import data
 import models
+import packing
 
 PAIRS = [
     ["Lorem ipsum dolor sit amet.", "Consectetur adipiscing elit sed do eiusmod tempor."],
@@ -127,12 +128,25 @@ def test_resolve_dir_without_config(tmp_path):
         models.resolve_model(str(tmp_path))
 
 
-def test_resolve_unknown_hub_id_offline_is_fast():
-    start = time.perf_counter()
+def test_resolve_unknown_hub_id_offline_never_asks_the_hub(monkeypatch):
+    """HF_HUB_OFFLINE (set for these tests, and on machines without hub access): only the local
+    cache is read, so a wrong name fails at once with a message naming the way out."""
+    import huggingface_hub
+
+    real_snapshot_download = huggingface_hub.snapshot_download
+
+    def cache_only(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "snapshot_download asked the hub"
+        return real_snapshot_download(*args, **kwargs)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("the hub was asked"))
     with pytest.raises(models.ModelNotFoundError) as error:
         models.resolve_model("nobody-here/no-such-reranker")
-    assert time.perf_counter() - start < 5
-    assert "nobody-here/no-such-reranker" in str(error.value) and "--model synthetic" in str(error.value)
+    message = str(error.value)
+    assert "nobody-here/no-such-reranker" in message and "--model synthetic" in message
+    assert "hub: not asked (HF_HUB_OFFLINE is set)" in message
 
 
 def test_hub_probe_does_not_hang_on_a_silent_hub(monkeypatch):
@@ -391,9 +405,8 @@ def test_dynamic_cross_encoder_converts_jina_checkpoints(tiny_model_dir, tiny_cr
         assert model.model.config.model_type == "xlm-roberta" and model.packed is packed
         # fp32, same weights under other names: only summation order differs
         np.testing.assert_allclose(model.predict(PAIRS), tiny_cross_encoder.predict(PAIRS), atol=1e-6)
-    by_name = DynamicCrossEncoder("synthetic-tiny", device="cpu", compile=False)
-    np.testing.assert_allclose(by_name.predict(PAIRS), tiny_cross_encoder.predict(PAIRS), atol=1e-6)
-    with pytest.raises(models.ModelNotFoundError, match="--model synthetic"):
+    # a directory or a hub id only: the scripts resolve names like "synthetic-tiny" (models.resolve_model)
+    with pytest.raises(ValueError, match="nobody/no-such-model"):
         DynamicCrossEncoder("nobody/no-such-model", device="cpu", compile=False)
 
 
@@ -433,13 +446,17 @@ def test_remote_code_loads_only_with_the_compat_fix(tiny_model_dir, tiny_cross_e
 
 
 def test_load_baseline_native(tiny_model_dir, tiny_cross_encoder, monkeypatch):
-    monkeypatch.setattr(models, "flash_attn_available", lambda: True)  # flash-attn kernels are CUDA-only
+    monkeypatch.setattr(packing, "flash_attn_available", lambda: True)  # flash-attn kernels are CUDA-only
     model, attention = models.load_baseline(tiny_model_dir, device="cpu", dtype=torch.bfloat16, max_length=128)
     assert attention == "sdpa" and model.model.dtype == torch.bfloat16 and model.max_seq_length == 128
-    scores = model.predict(PAIRS)
+    logits = model.predict(PAIRS, activation_fn=torch.nn.Identity())
     model32_128, _ = models.load_baseline(tiny_model_dir, device="cpu", dtype=torch.float32, max_length=128)
-    # bf16 weights and activations against fp32 at the same truncation: the tiny twin's bf16
-    # logits move by up to ~0.04, i.e. ~0.01 in sigmoid scores
-    np.testing.assert_allclose(scores, model32_128.predict(PAIRS), atol=2e-2)
+    ref = model32_128.predict(PAIRS, activation_fn=torch.nn.Identity())
+    # Relative to the fp32 reference at the same truncation: the twin keeps bf16 within ~5-15% of
+    # its logits' spread (models.SIZES; ~7% seen here).
+    assert np.abs(logits - ref).max() <= 0.15 * ref.std()
+    # and the bf16 model is exactly the fp32 one rounded to bf16: the same logits to the bit
+    model32_128.model.to(torch.bfloat16)
+    np.testing.assert_array_equal(logits, model32_128.predict(PAIRS, activation_fn=torch.nn.Identity()))
     model32, _ = models.load_baseline(tiny_model_dir, device="cpu", dtype=None, max_length=512)
     assert model32.model.dtype == torch.float32

@@ -1,91 +1,118 @@
-"""The three run scripts end to end on the tiny twin (CPU), their reports, and their errors."""
+"""The run scripts end to end on the tiny twin (CPU), their configuration and flags, their reports
+and errors, and the installable form of the flat modules."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import benchmark
+import data
+import report as rp
 import run_basic
 import run_combined
 import run_torch_compile
+from bench_helpers import table_rows, text_row_cells
 
-SMALL = ["--model", "synthetic-tiny", "--device", "cpu", "--num-pairs", "12", "--runs", "2", "--warmup", "1", "--batch-size", "4", "--quiet"]
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--model", "synthetic-tiny", "--device", "cpu", "--num-pairs", "12", "--runs", "2", "--warmup", "1",
+         "--batch-size", "4", "--quiet"]
+SETUPS = ["CrossEncoder (baseline)", "DynamicCrossEncoder (x16 buckets)", "DynamicCrossEncoder packed"]
 
 
 @pytest.fixture(scope="module")
 def combined(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("combined")
     argv = SMALL + ["--json", str(out / "out.json"), "--markdown", "--plot", str(out / "out.png"), "--check-fp32"]
-    report = run_combined.main(argv)
-    return report, out
+    return run_combined.main(argv), out
 
 
-def test_combined_table_json_and_plot(combined, capsys):
+# ---------------------------------------------------------------- end to end
+
+
+def test_combined_json_and_plot(combined):
     report, out = combined
     saved = json.loads((out / "out.json").read_text())
-    assert saved["complete"] is True
-    names = [s["name"] for s in saved["setups"]]
-    assert names == ["CrossEncoder (baseline)", "DynamicCrossEncoder (x16 buckets)", "DynamicCrossEncoder packed"]
+    assert saved["complete"] is True and [s["name"] for s in saved["setups"]] == SETUPS
     env = saved["environment"]
-    for key in ("torch", "transformers", "sentence_transformers", "device", "dtype"):
-        assert env[key]
+    assert (env["device"], env["dtype"], env["gpu"], env["torch"]) == ("cpu", "float32", None, torch.__version__)
     assert "random-weight" in saved["model_source"]
-    assert saved["config"]["batch_size"] == 4
+    # the config as it ran: flags, and device defaults resolved for the CPU
+    config = saved["config"]
+    assert (config["batch_size"], config["dtype"], config["compile_mode"]) == (4, "float32", "default")
+    assert saved["workload"]["calls"] == 2 and saved["workload"]["pairs"] == 12
     for setup in saved["setups"]:
         for order in ("sorted", "unsorted"):
             assert len(setup[order]["times"]) == 2 and all(t > 0 for t in setup[order]["times"])
-            assert setup[order]["summary"]["mean"] > 0
+            assert setup[order]["runs_planned"] == 2 and setup[order]["warmup_calls"] == 1
     # optimized rows carry their difference from the baseline; fp32 tolerance: summation order only
     for setup in saved["setups"][1:]:
-        assert setup["max_abs_diff"] < 1e-5
-        assert 0 < setup["padding_efficiency"] <= 1
-        assert setup["host_s"] > 0 and setup["forward_s"] > 0
-        assert setup["compile_s"] > 0
+        assert setup["max_abs_diff"] < 1e-5 and 0 < setup["padding_efficiency"] <= 1
+        assert setup["host_s"] > 0 and setup["forward_s"] > 0 and setup["compile_s"] > 0
+    assert "max_abs_diff" not in saved["setups"][0] and "host_s" not in saved["setups"][0]
     assert all(s["fp32_max_abs_diff"] < 1e-5 for s in saved["setups"])
-    assert (out / "out.png").stat().st_size > 10_000
-    assert (out / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rp.load_json(out / "out.json") == report  # the file holds what the run returned
+    assert (out / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "out.png").stat().st_size > 10_000
 
 
-def test_combined_table_has_original_columns_and_breakdown(combined):
-    import bench_utils
-
+def test_combined_table_cells_come_from_the_runs(combined):
     report, _ = combined
-    text = bench_utils.format_table(report)
-    for header in ("vs fp32", "Sorted Inputs (s)", "Unsorted Inputs (s)", "Speedup", "max |score diff|", "x floor", "MFU", "host (s)", "forward (s)"):
-        assert header in text
-    assert "±" in text
+    text = rp.format_table(report)
+    header = text_row_cells(text, "Setup")
+    assert header == ["Setup", "Sorted Inputs (s)", "Unsorted Inputs (s)", "Speedup", "max |score diff|", "vs fp32",
+                      "pairs/s", "tokens/s", "pad eff.", "x floor", "MFU", "host (s)", "forward (s)", "compile (s)"]
+    base_time = float(np.mean(report.setups[0].unsorted.times))  # 2 runs: the mean of both
+    for setup in report.setups:
+        cells = dict(zip(header, text_row_cells(text, setup.name)))
+        assert len(cells) == len(header)
+        for order in ("sorted", "unsorted"):
+            times = getattr(setup, order).times
+            assert cells[f"{order.capitalize()} Inputs (s)"] == f"{np.mean(times):.4f} ± {np.std(times):.4f}"
+        assert cells["Speedup"] == f"{base_time / np.mean(setup.unsorted.times):.2f}x"
+        assert cells["pairs/s"] == f"{12 / np.mean(setup.unsorted.times):,.0f}"
+        if setup.baseline:
+            assert cells["host (s)"] == cells["forward (s)"] == cells["max |score diff|"] == "-"
+        else:
+            assert cells["host (s)"] == f"{setup.host_s:.4f}" and cells["forward (s)"] == f"{setup.forward_s:.4f}"
 
 
-def test_markdown_regenerates_from_json(combined, capsys):
-    import bench_utils
-
+def test_markdown_regenerates_from_json(combined):
     report, out = combined
-    md = bench_utils.format_markdown(bench_utils.load_json(out / "out.json"))
-    assert md == bench_utils.format_markdown(json.loads(json.dumps(report, default=str)))
-    assert md.count("|") > 20 and "DynamicCrossEncoder packed" in md
+    rows = table_rows(rp.format_markdown(rp.load_json(out / "out.json")))
+    assert rows == table_rows(rp.format_markdown(report))
+    assert len(rows) == 2 + 3 and [row.split(" | ")[0] for row in rows[2:]] == [f"| {name}" for name in SETUPS]
+    assert all(row.count(" | ") == rows[0].count(" | ") for row in rows)  # 14 cells in every row
 
 
 def test_basic_and_torch_compile_scripts(tiny_model_dir, tmp_path):
     basic = run_basic.main(SMALL + ["--order", "sorted", "--json", str(tmp_path / "b.json")])
-    assert [s["name"] for s in basic["setups"]] == ["CrossEncoder (baseline)"]
-    assert "sdpa" in basic["setups"][0]["attention"]
+    assert [s.name for s in basic.setups] == ["CrossEncoder (baseline)"]
+    assert basic.setups[0].attention == "sentence-transformers CrossEncoder, attention: sdpa"
+    assert basic.setups[0].unsorted is None and len(basic.setups[0].sorted.times) == 2
     packed = run_torch_compile.main(SMALL + ["--order", "unsorted", "--packed"])
-    assert packed["setups"][1]["name"] == "DynamicCrossEncoder packed"
-    assert "packed" in packed["setups"][1]["attention"]
-    assert packed["setups"][1]["max_abs_diff"] < 1e-5
+    assert [s.name for s in packed.setups] == ["CrossEncoder (baseline)", "DynamicCrossEncoder packed"]
+    assert "packed" in packed.setups[1].attention and packed.setups[1].max_abs_diff < 1e-5
 
 
 def test_rerank_workload_reports_percentiles_and_ranking(tiny_model_dir, tmp_path, capsys):
-    report = run_combined.main(SMALL + ["--workload", "rerank", "--num-queries", "3", "--docs-per-query", "12", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
-    text = capsys.readouterr().out
-    assert "p50 (ms)" in text and "p99 (ms)" in text and "queries/s" in text
-    for setup in report["setups"]:
-        assert len(setup["latency"]["times"]) == 3
-        assert setup["p50_s"] <= setup["p90_s"] <= setup["p99_s"]
-    for setup in report["setups"][1:]:
-        assert setup["kendall_tau"] == pytest.approx(1.0)
-        assert setup["top10_overlap"] == pytest.approx(1.0)
+    report = run_combined.main(SMALL + ["--workload", "rerank", "--num-queries", "3", "--docs-per-query", "12",
+                                       "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    header = text_row_cells(capsys.readouterr().out, "Setup")
+    assert header[:6] == ["Setup", "p50 (ms)", "p90 (ms)", "p99 (ms)", "queries/s", "Speedup"]
+    assert (report.workload.kind, report.workload.calls, report.workload.pairs) == ("rerank", 3, 12)
+    for setup in report.setups:
+        times = setup.latency.times
+        assert len(times) == 3 and setup.time_s == pytest.approx(np.mean(times))
+        assert (setup.p50_s, setup.p90_s, setup.p99_s) == pytest.approx(tuple(np.percentile(times, [50, 90, 99])))
+    for setup in report.setups[1:]:
+        assert setup.kendall_tau == pytest.approx(1.0) and setup.top10_overlap == pytest.approx(1.0)
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
@@ -93,43 +120,7 @@ def test_pairs_file_is_the_workload(tiny_model_dir, tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("query\tdocument\nlorem ipsum\tdolor sit amet\nconsectetur\tadipiscing elit sed\n")
     report = run_basic.main(SMALL + ["--pairs-file", str(path), "--order", "unsorted"])
-    assert report["workload"]["pairs"] == 2
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
-        (["--runs", "-1"], "runs must be >= 1, got -1"),
-        (["--max-length", "5000"], "max_length must be <= 1024"),
-        (["--order", "random"], "invalid choice: 'random'"),
-        (["--dtype", "int8"], "invalid choice: 'int8'"),
-        (["--num-pairs", "ten"], "invalid int value: 'ten'"),
-        (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "--device"),
-        (["--model", "./no/such/dir"], "does not exist"),
-        (["--model", "nobody/no-such-model"], "--model synthetic"),
-        (["--max-tokens-per-batch", "0"], "max_tokens_per_batch must be >= 1, got 0"),
-    ],
-)
-def test_bad_flags_exit_2_with_one_line(argv, message, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit) as e:
-        run_combined.main(["--device", "cpu"] + argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-
-
-def test_broken_pairs_file_names_line_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text('{"query": "a", "document": "b"}\n{"query": "a", "document": \n')
-    monkeypatch.setattr(benchmark.models, "resolve_model", lambda name: pytest.fail("model loaded before the file was checked"))
-    with pytest.raises(SystemExit) as e:
-        run_combined.main(["--device", "cpu", "--pairs-file", str(path)])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert f"{path}:2:" in err and "Traceback" not in err
+    assert (report.workload.kind, report.workload.pairs) == ("pairs", 2)
 
 
 def test_interrupted_run_keeps_finished_setups(tiny_model_dir, tmp_path, monkeypatch):
@@ -144,32 +135,188 @@ def test_interrupted_run_keeps_finished_setups(tiny_model_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(benchmark, "call", flaky)
     path = tmp_path / "partial.json"
-    run_basic_like = run_torch_compile.main(SMALL + ["--order", "unsorted", "--json", str(path)])
+    report = run_torch_compile.main(SMALL + ["--order", "unsorted", "--json", str(path)])
     saved = json.loads(path.read_text())
-    assert saved["complete"] is False
-    assert saved["setups"][0]["name"] == "CrossEncoder (baseline)" and saved["setups"][0]["complete"]
+    assert saved["complete"] is False and report.complete is False
+    assert [s["name"] for s in saved["setups"]] == ["CrossEncoder (baseline)"] and saved["setups"][0]["complete"]
     assert any("interrupted" in n for n in saved["notes"])
-    assert run_basic_like["complete"] is False
+
+
+# ---------------------------------------------------------------- errors
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--runs", "-1"], "runs must be >= 1, got -1"),
+    (["--warmup", "-1"], "warmup must be >= 0, got -1"),
+    (["--max-length", "5000"], "max_length must be <= 1024 (the model's position limit), got 5000"),
+    (["--order", "random"], "invalid choice: 'random'"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--num-pairs", "ten"], "invalid int value: 'ten'"),
+    (["--device", "tpu0"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu0'"),
+    pytest.param(["--device", "cuda"], "device 'cuda' needs CUDA, which this machine does not have", marks=NO_CUDA),
+    (["--model", "./no/such/dir"], "does not exist"),
+    (["--model", "nobody/no-such-model"], "--model synthetic"),
+    (["--max-tokens-per-batch", "0"], "max_tokens_per_batch must be >= 1, got 0"),
+])
+def test_bad_flags_exit_2_with_one_line_before_any_model_loads(argv, message, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(benchmark.models, "load_baseline", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as e:
+        run_combined.main(["--device", "cpu", "--model", "synthetic-tiny"] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_broken_pairs_file_names_line_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "a", "document": "b"}\n{"query": "a", "document": \n')
+    monkeypatch.setattr(benchmark.models, "resolve_model", lambda name: pytest.fail("model resolved before the file"))
+    with pytest.raises(SystemExit) as e:
+        run_combined.main(["--device", "cpu", "--pairs-file", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2:" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- configuration and --help
+
+
+CPU = {"num_pairs": 8, "runs": 3, "warmup": 1, "batch_size": 8, "num_queries": 4, "docs_per_query": 16,
+       "max_tokens_per_batch": 2048, "dtype": "float32", "compile_mode": "default"}
+CUDA = {"num_pairs": 1024, "runs": 10, "warmup": 10, "batch_size": 64, "num_queries": 100, "docs_per_query": 100,
+        "max_tokens_per_batch": 16384, "dtype": "bfloat16", "compile_mode": "max-autotune"}
+
+
+def test_config_resolves_the_device_defaults_once(monkeypatch):
+    cfg = benchmark.BenchConfig(device="cpu")
+    assert {k: getattr(cfg, k) for k in CPU} == CPU and cfg.torch_dtype == torch.float32
+    assert benchmark.BenchConfig(device="cpu", batch_size=32, dtype="bfloat16").batch_size == 32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = benchmark.BenchConfig()  # auto -> cuda
+    assert cfg.device == "cuda" and {k: getattr(cfg, k) for k in CUDA} == CUDA
+    assert benchmark.BenchConfig(device="cuda:1", warmup=0).warmup == 0
+    assert "  batch_size           = 64" in str(cfg).splitlines()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"warmup": -1}, "warmup must be >= 0"),
+    ({"order": "random"}, "order must be one of"),
+    ({"workload": "x"}, "workload must be one of"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.BenchConfig(device="cpu", **kwargs)
+
+
+def test_report_reads_config_fields_that_exist():
+    assert set(rp.SHOWN_SETTINGS) <= set(benchmark.BenchConfig.__dataclass_fields__)
+
+
+def _flag_help(help_text: str) -> dict[str, str]:
+    """--flag -> its help text, whitespace collapsed, from a --help output."""
+    text = " ".join(help_text.split("options:")[1].split())
+    flag = r"(--[a-z0-9-]+)(?: [A-Z_]+| \{[^}]*\})? "  # the flag and its metavar or choices
+    return {m[1]: m[2] for m in re.finditer(flag + r"(.*?)(?= --[a-z0-9-]+ |$)", text)}
+
+
+@pytest.mark.parametrize("script, excluded", [
+    (run_basic, {"--packed", "--max-tokens-per-batch", "--compile-mode"}),
+    (run_torch_compile, set()),
+    (run_combined, {"--packed"}),
+])
+def test_help_says_each_default_once_and_truly(script, excluded, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    helps = _flag_help(capsys.readouterr().out)
+    every = {"--help"} | {"--" + f.replace("_", "-") for f in benchmark.BenchConfig.__dataclass_fields__}
+    assert set(helps) == every - excluded
+    for flag, text in helps.items():
+        assert text.count("(default:") <= 1 and "(default: None)" not in text, f"{flag}: {text}"
+    # the device defaults --help states are the ones a config gets on each device
+    said = {flag: re.search(r"\(default: (\S+) on CUDA, (\S+) on CPU\)", text) for flag, text in helps.items()}
+    said = {flag[2:].replace("-", "_"): m.groups() for flag, m in said.items() if m}
+    assert set(said) == {name for name in CPU if "--" + name.replace("_", "-") not in excluded}
+    assert {name: cpu for name, (_, cpu) in said.items()} == {name: str(CPU[name]) for name in said}
+    assert {name: cuda for name, (cuda, _) in said.items()} == {name: str(CUDA[name]) for name in said}
+    assert helps["--max-length"].endswith("(default: 512)") and "(r + 1) * num_pairs" in helps["--seed"]
+
+
+def test_seed_help_matches_the_workloads():
+    cfg = benchmark.BenchConfig(device="cpu", num_pairs=20, runs=3, seed=7)
+    w = benchmark.make_workloads(cfg)
+    assert w["unsorted"] == [data.load_pairs(20, seed=7 + (r + 1) * 20) for r in range(3)]
+    assert w["warmup"] == [data.load_pairs(20, seed=7 + 10_000_000 + r * 20) for r in range(2)]
 
 
 def test_cpu_defaults_shrink_and_say_so():
     p = benchmark.parser("x")
     cfg, notes = benchmark.parse_config(p, ["--device", "cpu"])
-    assert cfg.num_pairs == benchmark.CPU_DEFAULTS["num_pairs"] and cfg.runs == benchmark.CPU_DEFAULTS["runs"]
-    assert notes and "no GPU" in notes[0]
-    cfg, _ = benchmark.parse_config(p, ["--device", "cpu", "--num-pairs", "1024"])
-    assert cfg.num_pairs == 1024
+    assert (cfg.num_pairs, cfg.runs, cfg.warmup) == (8, 3, 1)
+    assert notes == ["no GPU: defaults shrunk to num_pairs=8, runs=3, warmup=1, batch_size=8, "
+                     "max_tokens_per_batch=2048 (set the flags to override)"]  # rerank sizes unused here
+    cfg, notes = benchmark.parse_config(p, ["--device", "cpu", "--num-pairs", "1024", "--workload", "rerank"])
+    assert cfg.num_pairs == 1024 and notes == ["no GPU: defaults shrunk to runs=3, warmup=1, batch_size=8, "
+                                               "num_queries=4, docs_per_query=16, max_tokens_per_batch=2048 "
+                                               "(set the flags to override)"]
+    _, notes = benchmark.parse_config(benchmark.parser("x", exclude=("max_tokens_per_batch",)),
+                                      ["--device", "cpu", "--runs", "2"])
+    assert "max_tokens_per_batch" not in notes[0] and "runs" not in notes[0]  # not a flag here / set by the user
 
 
 def test_workloads_are_fresh_per_run_and_identical_across_orders():
-    import bench_utils
-
-    cfg = bench_utils.BenchConfig(num_pairs=20, runs=3)
-    w = benchmark.make_workloads(cfg)
+    w = benchmark.make_workloads(benchmark.BenchConfig(device="cpu", num_pairs=20, runs=3))
     runs = [tuple(map(tuple, r)) for r in w["unsorted"]]
     assert len(set(runs[0]) & set(runs[1])) == 0  # seeds spaced by num_pairs: no shared pair
     for sorted_run, unsorted_run in zip(w["sorted"], w["unsorted"]):
         assert sorted(map(tuple, sorted_run)) == sorted(map(tuple, unsorted_run))
         lengths = [len(a) + len(b) for a, b in sorted_run]
         assert lengths == sorted(lengths, reverse=True)
-    assert np.all([len(r) == 20 for r in w["unsorted"]])
+    assert all(len(r) == 20 for r in w["unsorted"])
+
+
+def test_sorting_and_baseline_padding_by_hand():
+    pairs = [["a", "b"], ["ccc", "dd"], ["e", "ffff"], ["g", "h"]]  # 2, 5, 5, 2 characters
+    assert benchmark.sort_by_length(pairs) == [["ccc", "dd"], ["e", "ffff"], ["a", "b"], ["g", "h"]]  # stable
+    # token lengths 3, 9, 6, 4 -> batches of 2 in that order: (9, 6) padded to 9, (3, 4) padded to 4
+    assert benchmark.baseline_padding([3, 9, 6, 4], pairs, 2) == pytest.approx(22 / 26)
+
+
+def test_last_call_breakdown_reads_attributes():
+    timings = type("T", (), dict(tokenize_s=0.5, pack_s=0.25, forward_s=2.0, real_tokens=30, padded_tokens=40))
+    assert benchmark.last_call_breakdown(timings) == {"host_s": 0.75, "forward_s": 2.0, "padding_efficiency": 0.75}
+
+
+# ---------------------------------------------------------------- installable form
+
+
+def test_pyproject_lists_every_module():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def test_pip_install_provides_the_flat_modules(tmp_path):
+    pytest.importorskip("setuptools", reason="pip install . needs setuptools (--no-build-isolation)")
+    src = tmp_path / "src"
+    src.mkdir()
+    # A copy: building in place would leave build/ and *.egg-info in the working tree.
+    for name in ["pyproject.toml", "requirements.txt"] + [p.name for p in ROOT.glob("*.py")]:
+        shutil.copy(ROOT / name, src / name)
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--no-compile", "--target", str(target), str(src)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
+    probe = ("import importlib.util, json, dynamic_cross_encoder; print(json.dumps([dynamic_cross_encoder.__file__] + "
+             "[importlib.util.find_spec(m).origin for m in ('models', 'bench_utils', 'report', 'benchmark')]))")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert all(path.startswith(str(target)) for path in json.loads(out.stdout.splitlines()[-1]))
