@@ -456,3 +456,40 @@ def ranking_agreement(scores_a: Sequence, scores_b: Sequence, k: int = 10) -> Ra
     tops = [top_k_overlap(a, b, k) for a, b in zip(scores_a, scores_b, strict=True)]
     tau = float(np.nanmean(taus)) if not all(math.isnan(t) for t in taus) else float("nan")
     return RankingAgreement(kendall_tau=tau, top_k_overlap=float(np.mean(tops)), k=k)
+
+
+# ---------------------------------------------------------------- host ceiling
+
+
+@dataclass
+class HostCeiling:
+    """How fast the host alone can go on the timed pairs, so a reader sees whether a run was host-bound."""
+
+    tokenizer_pairs_per_s: float  # the `tokenizers` backend alone: parallel encode, longest_first, no padding
+    host_pairs_per_s: float | None  # predict with the forward skipped (DynamicCrossEncoder.host_seconds)
+
+
+def raw_tokenizer(tokenizer, max_length: int) -> Callable[[Sequence], Any]:
+    """The tokenizer's own speed for pairs: a copy of its `tokenizers` backend set to longest_first
+    truncation at max_length and no padding, called through its parallel encode_batch_fast."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.enable_truncation(max_length, strategy="longest_first")
+    return lambda pairs: backend.encode_batch_fast([(a, b) for a, b in pairs])
+
+
+def host_ceiling(workloads: Sequence[Sequence], tokenizer, max_length: int, *, model=None,
+                 batch_size: int = 32) -> HostCeiling:
+    """Pairs/s of the raw tokenizer and (with a DynamicCrossEncoder `model`) of its host pipeline,
+    interleaved workload by workload so both see the same machine state."""
+    encode = raw_tokenizer(tokenizer, max_length)
+    pairs = tok_s = host_s = 0.0
+    for workload in workloads:
+        pairs += len(workload)
+        tok_s += time_call(lambda w=workload: encode(w), "cpu")
+        if model is not None:
+            host_s += model.host_seconds(workload, batch_size=batch_size)
+    return HostCeiling(pairs / tok_s, pairs / host_s if model is not None else None)
+

@@ -26,6 +26,7 @@ import data
 import models
 import packing
 import report as rp
+from dynamic_cross_encoder import device_defaults as class_defaults
 
 ORDERS = ("sorted", "unsorted")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -44,9 +45,9 @@ DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "batch_size": (64, 8),
     "num_queries": (100, 4),
     "docs_per_query": (100, 16),
-    "max_tokens_per_batch": (16384, 2048),
+    # the class's own defaults (max-autotune on CUDA: the original's recipe)
+    **{k: (class_defaults("cuda")[k], class_defaults("cpu")[k]) for k in ("max_tokens_per_batch", "compile_mode")},
     "dtype": ("bfloat16", "float32"),
-    "compile_mode": ("max-autotune", "default"),  # max-autotune: the original's recipe
 }
 SHRUNK = ("num_pairs", "runs", "warmup", "batch_size", "num_queries", "docs_per_query", "max_tokens_per_batch")
 
@@ -365,7 +366,12 @@ def time_setup(prep: Prepared, setup: Setup, reference: dict | None) -> dict[str
     if setup.baseline:
         measured["padding_efficiency"] = baseline_padding(prep.lengths[0], prep.first, cfg.batch_size)
     if setup.compiled:
-        measured.update(last_call_breakdown(model.last_timings))
+        measured.update(last_call_breakdown(model.last_timings), new_shapes=len(model.unwarmed_shapes))
+        if model.unwarmed_shapes:
+            print(f"   batch shapes met after warm-up: {model.unwarmed_shapes}")
+    ceiling = bu.host_ceiling([as_pairs(w) for w in prep.workloads[prep.primary]], model.tokenizer, cfg.max_length,
+                              model=model if setup.compiled else None, batch_size=cfg.batch_size)
+    measured.update(dataclasses.asdict(ceiling))
     measured["peak_mem_bytes"] = bu.peak_memory(cfg.device)
     rp.add_setup(prep.report, setup.name, baseline=setup.baseline, **runs, **measured)
     del model

@@ -75,6 +75,9 @@ class SetupResult:
     host_s: float | None = _measured()
     forward_s: float | None = _measured()
     padding_efficiency: float | None = _measured()
+    host_pairs_per_s: float | None = _measured()
+    tokenizer_pairs_per_s: float | None = _measured()
+    new_shapes: int | None = _measured()  # batch shapes first met after warm-up
     peak_mem_bytes: int | None = None  # None on CPU
 
 
@@ -180,6 +183,12 @@ COLUMNS = [
     Column("MFU", "mfu", ".0%", "compute floor / time"),
     Column("host (s)", "host_s", ".4f", HOST_HELP),
     Column("forward (s)", "forward_s", ".4f", FORWARD_HELP),
+    Column("host pairs/s", "host_pairs_per_s", ",.0f", "pairs/s of predict with the forward skipped (tokenize, sort, "
+           "pack, copy, restore order): the most this process can feed the GPU"),
+    Column("tok pairs/s", "tokenizer_pairs_per_s", ",.0f", "pairs/s of the tokenizers backend alone on the same pairs "
+           "(parallel encode_batch_fast, longest_first, no padding)"),
+    Column("new shapes", "new_shapes", ".0f", "batch shapes met after warm-up: each a compile or a CUDA-graph "
+           "recording inside a timed call where graphs are per shape"),
     Column("peak mem (GiB)", "peak_mem_bytes", ".2f", "peak GPU memory allocated while the setup ran",
            scale=2.0**-30),
     Column("compile (s)", "compile_s", ".1f", "warm-up and compilation before the timed runs"),
@@ -256,6 +265,9 @@ def _footer(report: Report) -> list[str]:
     if any(s.host_s is not None for s in setups):
         lines.append(f"host (s): {HOST_HELP}; forward (s): {FORWARD_HELP}. "
                      "On a GPU the two overlap, so their sum can exceed the wall time.")
+    if any(s.host_pairs_per_s is not None for s in setups):
+        lines.append("host pairs/s: predict with the forward skipped; a setup whose pairs/s nears it is host-bound. "
+                     "tok pairs/s: the tokenizer alone on the same pairs.")
     if any(not s.complete for s in setups):
         lines.append("* interrupted: fewer runs than planned.")
     if not report.complete:

@@ -192,3 +192,32 @@ def test_static_graphs_past_dynamos_recompile_limit_stay_compiled(tiny_model_dir
     assert len(shapes) == 9
     model.warmup(batch_size=4)
     assert model.compiles == len(shapes)
+
+
+# ---- the GPU script, dry run ------------------------------------------------------------------
+
+
+def test_gpu_check_needs_an_output_folder():
+    import subprocess
+
+    done = subprocess.run(["bash", "gpu_check.sh"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "usage: bash gpu_check.sh OUT_DIR" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
+def test_gpu_check_dry_run_writes_every_step(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "gpu_check.sh", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "dry run: skipping the preflight and the GPU tests (no CUDA)" in done.stdout
+    assert "no CUDA device: dry run" in (out / "machine.txt").read_text()
+    steps = (out / "steps.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in steps] == ["== combined-pairs", "== combined-rerank"]
+    assert all(": exit 0 after" in line for line in steps)
+    for name in ("combined-pairs", "combined-rerank"):
+        report = json.loads((out / f"{name}.json").read_text())
+        assert report["complete"] and len(report["setups"]) == 3
+        assert "| DynamicCrossEncoder packed |" in (out / f"{name}.txt").read_text()  # the markdown table

@@ -67,7 +67,8 @@ def test_combined_table_cells_come_from_the_runs(combined):
     text = rp.format_table(report)
     header = text_row_cells(text, "Setup")
     assert header == ["Setup", "Sorted Inputs (s)", "Unsorted Inputs (s)", "Speedup", "max |score diff|", "vs fp32",
-                      "pairs/s", "tokens/s", "pad eff.", "x floor", "MFU", "host (s)", "forward (s)", "compile (s)"]
+                      "pairs/s", "tokens/s", "pad eff.", "x floor", "MFU", "host (s)", "forward (s)", "host pairs/s",
+                      "tok pairs/s", "new shapes", "compile (s)"]
     base_time = float(np.mean(report.setups[0].unsorted.times))  # 2 runs: the mean of both
     for setup in report.setups:
         cells = dict(zip(header, text_row_cells(text, setup.name)))
@@ -77,10 +78,13 @@ def test_combined_table_cells_come_from_the_runs(combined):
             assert cells[f"{order.capitalize()} Inputs (s)"] == f"{np.mean(times):.4f} ± {np.std(times):.4f}"
         assert cells["Speedup"] == f"{base_time / np.mean(setup.unsorted.times):.2f}x"
         assert cells["pairs/s"] == f"{12 / np.mean(setup.unsorted.times):,.0f}"
+        # the tokenizer alone is measured beside every setup; the host pipeline beside the fast ones
+        assert cells["tok pairs/s"] == f"{setup.tokenizer_pairs_per_s:,.0f}" and setup.tokenizer_pairs_per_s > 0
         if setup.baseline:
-            assert cells["host (s)"] == cells["forward (s)"] == cells["max |score diff|"] == "-"
+            assert cells["host (s)"] == cells["forward (s)"] == cells["max |score diff|"] == cells["host pairs/s"] == "-"
         else:
             assert cells["host (s)"] == f"{setup.host_s:.4f}" and cells["forward (s)"] == f"{setup.forward_s:.4f}"
+            assert cells["host pairs/s"] == f"{setup.host_pairs_per_s:,.0f}" and cells["new shapes"] == f"{setup.new_shapes}"
 
 
 def test_markdown_regenerates_from_json(combined):
@@ -88,7 +92,7 @@ def test_markdown_regenerates_from_json(combined):
     rows = table_rows(rp.format_markdown(rp.load_json(out / "out.json")))
     assert rows == table_rows(rp.format_markdown(report))
     assert len(rows) == 2 + 3 and [row.split(" | ")[0] for row in rows[2:]] == [f"| {name}" for name in SETUPS]
-    assert all(row.count(" | ") == rows[0].count(" | ") for row in rows)  # 14 cells in every row
+    assert all(row.count(" | ") == rows[0].count(" | ") for row in rows)  # 17 cells in every row
 
 
 def test_basic_and_torch_compile_scripts(tiny_model_dir, tmp_path):
