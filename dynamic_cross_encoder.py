@@ -2,17 +2,16 @@
 
 Two paths, same `predict` / `rank` API as CrossEncoder, scores in the caller's order:
 
-* padded (default): the whole call is tokenized once, pairs are sorted by token length, each batch
-  is padded to the next multiple of `bucket_multiple` (16) and run through the transformers
-  model's forward compiled by inductor.
+* padded (default): pairs sorted by token length, each batch padded to the next multiple of
+  `bucket_multiple` (16) and run through the transformers model's forward compiled by inductor.
 * packed (`packed=True`): no padding at all. The real tokens of a batch go in one `(T, hidden)`
   tensor, attention is variable-length (cu_seqlens), token 0 of each sequence feeds the head.
-  Batches are cut by a token budget (`max_tokens_per_batch`, `batch_size` still a cap), the token
-  count is padded to a multiple of 256 so the compiled graph sees few shapes, and the next chunk
-  is tokenized in a worker thread while the GPU runs the current batch.
+  Batches are cut by a token budget (`max_tokens_per_batch`, `batch_size` still a cap) and the
+  token count is padded to a multiple of 256 so the compiled graph sees few shapes.
 
-Batch layouts, attention backends and the packed forward live in packing.py. Both paths use the
-loaded model's own weights; nothing is copied.
+Both tokenize a call in chunks at the tokenizer's own speed (pair_tokenizer.py), the next chunk in
+a worker thread while the current one is packed and launched. Batch layouts, attention backends
+and the packed forward live in packing.py. Both paths use the loaded model's own weights.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from packing import (
     ATTENTION_BACKENDS,
     BUCKET_MULTIPLE,
     TOKEN_MULTIPLE,
-    PackedBatch,
     PaddedBatch,
     bucket_length,
     choose_attention_backend,
@@ -151,6 +149,7 @@ class DynamicCrossEncoder(CrossEncoder):
         self._graph_limit = 8  # dynamo's default recompile limit
         self._pairs_tok: PairTokenizer | None = None
         self._host_only = False
+        self._dev = self.device  # refreshed per call: CrossEncoder.device walks every parameter
         self._setup_forward(packed, attention_backend)
 
     def _check_max_length(self, max_length):
@@ -181,7 +180,7 @@ class DynamicCrossEncoder(CrossEncoder):
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return uses_cuda_graphs(self.device.type, self.compile_enabled, self.compile_mode)
+        return uses_cuda_graphs(self._dev.type, self.compile_enabled, self.compile_mode)
 
     @property
     def graphs_per_shape(self) -> bool:
@@ -249,7 +248,7 @@ class DynamicCrossEncoder(CrossEncoder):
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
             self._graph_limit = self._graphs_needed(batch_size)
-            timings = CallTimings()
+            self._dev, timings = self.device, CallTimings()
             for shape in tqdm(self._warmup_shapes(batch_size), desc="Compiling buckets", disable=not show_progress_bar):
                 self._run_batch(self._dummy_batch(shape, batch_size), timings, [])
             _sync(self.device)
@@ -323,6 +322,7 @@ class DynamicCrossEncoder(CrossEncoder):
     def _predict_logits(self, pairs, batch_size: int, progress: bool) -> torch.Tensor:
         """-> float32 logits (pairs, labels) on the CPU, in the caller's order."""
         timings = self.last_timings = CallTimings()
+        self._dev = self.device
         if not pairs:
             return torch.zeros(0, self.num_labels)
         self._graph_limit = max(self._graph_limit, self._graphs_needed(batch_size))
@@ -351,6 +351,10 @@ class DynamicCrossEncoder(CrossEncoder):
             t = time.perf_counter()
             return encoder.encode(pairs[lo:hi]), time.perf_counter() - t
 
+        if len(bounds) == 1:  # nothing to overlap: no thread to start and hand over to
+            ragged, timings.tokenize_s = encode(*bounds[0])
+            yield np.arange(len(pairs)), ragged
+            return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(encode, *bounds[0])
             for i, (lo, hi) in enumerate(bounds):
@@ -363,7 +367,7 @@ class DynamicCrossEncoder(CrossEncoder):
     def _padded_batches(self, chunks, batch_size, timings):
         """Yields (PaddedBatch, row indices into pairs): each chunk sorted longest first (as
         CrossEncoder sorts its call), cut into batches padded to the next bucket."""
-        pin, pad_id = self.device.type == "cuda", self.tokenizer.pad_token_id
+        pin, pad_id = self._dev.type == "cuda", self.tokenizer.pad_token_id
         for chunk_rows, ids in chunks:
             t = time.perf_counter()
             order = np.argsort(-ids.lengths, kind="stable")
@@ -381,7 +385,7 @@ class DynamicCrossEncoder(CrossEncoder):
     def _packed_batches(self, chunks, batch_size, timings):
         """Yields (PackedBatch, row indices into pairs): sequences in the caller's order (without
         padding their order does not matter), cut by the token budget and batch_size."""
-        pin, pad_id = self.device.type == "cuda", self.tokenizer.pad_token_id
+        pin, pad_id = self._dev.type == "cuda", self.tokenizer.pad_token_id
         for chunk_rows, ids in chunks:
             t = time.perf_counter()
             starts = ids.starts
@@ -396,7 +400,7 @@ class DynamicCrossEncoder(CrossEncoder):
         try:
             return self._run_batch(batch, timings, events)
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
+            if self._dev.type == "cuda":
                 torch.cuda.empty_cache()
             halves = batch.split(self.tokenizer.pad_token_id)
             if halves is None:
@@ -406,15 +410,15 @@ class DynamicCrossEncoder(CrossEncoder):
 
     def _run_batch(self, batch, timings: CallTimings, events: list) -> torch.Tensor:
         """One launch -> logits (num_seqs, labels) on the device, in memory this call owns."""
-        args = batch.device_args(self.device)
+        args = batch.device_args(self._dev)
         before = compile_count()
-        cuda = self.device.type == "cuda"
+        cuda = self._dev.type == "cuda"
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t = time.perf_counter()
         if self._host_only:  # host_seconds(): everything but the forward
-            out = torch.zeros(batch.num_seqs, self.num_labels, device=self.device)
+            out = torch.zeros(batch.num_seqs, self.num_labels, device=self._dev)
         else:
             with self._static_graph_limit():
                 out = self._logits(*args)

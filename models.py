@@ -18,8 +18,12 @@ import re
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
 
 import packing
 

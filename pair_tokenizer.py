@@ -81,7 +81,7 @@ def longest_first(n1: np.ndarray, n2: np.ndarray, budget: int) -> tuple[np.ndarr
     still does not fit, the shorter keeps budget // 2 and the longer the rest. `budget` is
     max_length less the template's special tokens."""
     swap = n1 > n2
-    short, long = np.where(swap, n2, n1), np.where(swap, n1, n2)
+    short = np.where(swap, n2, n1)
     keep_long = np.where(short > budget, short, np.maximum(short, budget - short))
     both = short + keep_long > budget
     keep_short = np.where(both, budget // 2, short)
@@ -141,7 +141,9 @@ class PairTokenizer:
         if self.fallback_reason:
             return self._encode_with_transformers(pairs)
         (firsts, i1), (seconds, i2) = _distinct([a for a, _ in pairs]), _distinct([b for _, b in pairs])
-        a, b = self._encode_texts(firsts), self._encode_texts(seconds)
+        # one parallel encode for both sides: a call's threads are started once
+        a = b = self._encode_texts(firsts + seconds)
+        i2 = i2 + len(firsts)
         keep1, keep2 = longest_first(a.lengths[i1], b.lengths[i2], self.budget)
         p, m, s = len(self.prefix), len(self.middle), len(self.suffix)
         out = Ragged(np.empty(int((keep1 + keep2).sum()) + len(pairs) * (p + m + s), dtype=np.int32),

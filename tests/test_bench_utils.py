@@ -498,23 +498,3 @@ def test_cli_help_explains_every_column(capsys):
     for column in rp.LATENCY_COLUMNS + rp.COLUMNS:
         assert f"{column.header}: {column.help}" in out
     assert "idle gaps between the events included" in out
-
-
-def test_raw_tokenizer_gives_the_ids_it_is_timed_for(tiny_cross_encoder):
-    pairs = [("lorem ipsum " * 200, "dolor"), ("", ""), ("sit", "amet " * 300)]
-    tok = tiny_cross_encoder.tokenizer
-    ref = tok([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=64)["input_ids"]
-    assert [e.ids for e in bu.raw_tokenizer(tok, 64)(pairs)] == ref
-
-
-def test_host_ceiling_counts_pairs_over_seconds(tiny_cross_encoder, monkeypatch):
-    class Model:  # host_seconds as DynamicCrossEncoder reports it
-        def host_seconds(self, pairs, batch_size):
-            return 0.25 * len(pairs) / 10
-
-    ticks = iter(range(100))
-    monkeypatch.setattr(bu.time, "perf_counter", lambda: float(next(ticks)))  # each raw encode: 1 s
-    ceiling = bu.host_ceiling([[("a", "b")] * 10, [("c", "d")] * 30], tiny_cross_encoder.tokenizer, 32, model=Model())
-    assert ceiling.tokenizer_pairs_per_s == 40 / 2 and ceiling.host_pairs_per_s == 40 / 1.0
-    assert bu.host_ceiling([[("a", "b")] * 4], tiny_cross_encoder.tokenizer, 32).host_pairs_per_s is None
-

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bench_utils as bu
 import data
 from pair_tokenizer import PairTokenizer, Ragged, longest_first, ragged_arange
 
@@ -51,7 +52,8 @@ def test_rerank_reuses_the_query_and_truncates_like_the_pair(tokenizer, query, d
     encoded = []
     host.backend = _Spy(host.backend, encoded)
     assert as_lists(host.encode(pairs)) == reference_ids(tokenizer, pairs, max_length)
-    assert encoded[0] == [query], "the query is encoded once per call"
+    # one parallel encode of each distinct text: the query once, then each distinct document once
+    assert encoded == [[query] + list(dict.fromkeys(docs))]
 
 
 class _Spy:
@@ -129,3 +131,25 @@ def test_dynamic_cross_encoder_names_its_host_tokenizer(tiny_model_dir):
     pairs = data.load_pairs(20, seed=4)
     seconds = model.host_seconds(pairs, batch_size=8)
     assert seconds > 0 and model.last_timings.batches == 0  # the last real call's timings are kept
+
+
+# ---- the host ceiling the benchmark prints beside every setup ---------------------------------
+
+def test_raw_tokenizer_gives_the_ids_it_is_timed_for(tiny_cross_encoder):
+    pairs = [("lorem ipsum " * 200, "dolor"), ("", ""), ("sit", "amet " * 300)]
+    tok = tiny_cross_encoder.tokenizer
+    ref = tok([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=64)["input_ids"]
+    assert [e.ids for e in bu.raw_tokenizer(tok, 64)(pairs)] == ref
+
+
+def test_host_ceiling_counts_pairs_over_seconds(tiny_cross_encoder, monkeypatch):
+    class Model:  # host_seconds as DynamicCrossEncoder reports it
+        def host_seconds(self, pairs, batch_size):
+            return 0.25 * len(pairs) / 10
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(bu.time, "perf_counter", lambda: float(next(ticks)))  # each raw encode: 1 s
+    ceiling = bu.host_ceiling([[("a", "b")] * 10, [("c", "d")] * 30], tiny_cross_encoder.tokenizer, 32, model=Model())
+    assert ceiling.tokenizer_pairs_per_s == 40 / 2 and ceiling.host_pairs_per_s == 40 / 1.0
+    assert bu.host_ceiling([[("a", "b")] * 4], tiny_cross_encoder.tokenizer, 32).host_pairs_per_s is None
+
