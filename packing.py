@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pair_tokenizer import ragged_arange
+
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # optional: pip install flash-attn --no-build-isolation
@@ -230,7 +232,7 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     # XLM-R positions: real tokens count from padding_idx + 1; pads sit at padding_idx.
-    pos[:real] = np.arange(real) - np.repeat(starts[:-1], lengths) + pad_id + 1
+    pos[:real] = ragged_arange(lengths) + pad_id + 1
     pos[real:] = pad_id
     cu[: n + 1] = starts
     cu[n + 1 :] = tokens  # pad tail [real, tokens) is its own sequence; the rest are empty
