@@ -103,8 +103,10 @@ class Scorer:
         if threads:  # a CPU worker owns one slot; more threads would fight the other workers
             torch.set_num_threads(threads)
         path = cfg.model_path if os.path.isdir(cfg.model_path) else models.resolve_model(cfg.model)
-        auto = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
-        dtype = auto if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        from benchmark import DEVICE_DEFAULTS  # the scripts' one dtype policy: bf16 on CUDA, fp32 on CPU
+
+        auto = DEVICE_DEFAULTS["dtype"][0 if cfg.device.startswith("cuda") else 1]
+        dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
         self.model = DynamicCrossEncoder(
             path, device=cfg.device, max_length=cfg.max_length, model_kwargs={"dtype": dtype},
             compile=cfg.compile, compile_mode=cfg.compile_mode, packed=cfg.packed,
