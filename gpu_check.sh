@@ -54,6 +54,9 @@ if [ "$cuda" = 1 ]; then
   bench=(--model synthetic --compile-mode default --quiet)
   pairs=(--check-fp32)
   rerank=(--num-queries 50)
+  # one cache for the twin build and the GPU tests: the full-size twin is built once
+  export FAST_RERANK_CACHE=${FAST_RERANK_CACHE:-$HOME/.cache/fast-rerank}
+  export FAST_RERANK_TEST_CACHE=$FAST_RERANK_CACHE
   step build-twin 90 "$py" models.py build-synthetic full
   step preflight 60 "$py" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k preflight
   step gpu-tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py

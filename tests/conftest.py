@@ -27,7 +27,9 @@ if settings is not None:
 
 _SCRATCH = tempfile.mkdtemp(prefix="fast-rerank-tests-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
-os.environ["FAST_RERANK_CACHE"] = os.path.join(_SCRATCH, "cache")
+# FAST_RERANK_TEST_CACHE: a cache the caller chose (gpu_check.sh, so the GPU tests reuse the
+# full-size twin it built instead of building it again in the lease's few minutes)
+os.environ["FAST_RERANK_CACHE"] = os.environ.get("FAST_RERANK_TEST_CACHE") or os.path.join(_SCRATCH, "cache")
 os.environ["HF_MODULES_CACHE"] = os.path.join(_SCRATCH, "hf-modules")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
