@@ -80,7 +80,7 @@ class BenchConfig:
     num_queries: int | None = field(default=None, metadata=_opt(int, "queries (rerank workload)"))
     docs_per_query: int | None = field(default=None, metadata=_opt(int, "documents per query (rerank workload)"))
     pairs_file: str | None = field(default=None, metadata=_opt(
-        str, "your own pairs (.jsonl with query/document or .tsv) instead of random ones"))
+        str, "your own pairs (.jsonl with query/document, .tsv or .parquet) instead of random ones"))
     packed: bool = field(default=False, metadata=_opt(bool, "padding-free packed batches"))
     max_tokens_per_batch: int | None = field(default=None, metadata=_opt(int, "token budget per packed batch"))
     check_fp32: bool = field(default=False, metadata=_opt(bool, "also compare scores against an fp32 reference"))
