@@ -63,12 +63,6 @@ class Ragged:
         lengths = self.lengths[rows]
         return Ragged(self.flat[np.repeat(self.starts[rows], lengths) + ragged_arange(lengths)], lengths)
 
-    def padded(self, width: int, pad_id: int) -> np.ndarray:
-        """-> (n, width) int64, right-padded with pad_id (width >= the longest sequence)."""
-        out = np.full((len(self.lengths), width), pad_id, dtype=np.int64)
-        out[np.arange(width)[None, :] < self.lengths[:, None]] = self.flat
-        return out
-
     @classmethod
     def from_padded(cls, ids: np.ndarray, lengths: np.ndarray) -> Ragged:
         mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]

@@ -17,9 +17,15 @@ from hypothesis import strategies as st
 
 import data
 from dynamic_cross_encoder import DynamicCrossEncoder
-from packing import bucket_length, plan_token_batches, token_buckets
+from packing import PaddedBatch, bucket_length, plan_token_batches, token_buckets
 
 from helpers import IDENTITY, TOL, assert_same_logits, spy_logits, workload
+
+
+def padded(ragged, pad_id):
+    """(n, longest) right-padded ids, through the padded path's own batch builder."""
+    width = int(ragged.lengths.max())
+    return PaddedBatch.build(ragged.flat, ragged.lengths, width=width, pad_id=pad_id).buffer[0].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def test_plan_token_batches_properties(lengths, max_tokens, max_seqs):
 def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
     pairs = workload(30, seed=1)
     enc = eager._encode(pairs)
-    ids, lengths = enc.padded(int(enc.lengths.max()), eager.tokenizer.pad_token_id), enc.lengths
+    ids, lengths = padded(enc, eager.tokenizer.pad_token_id), enc.lengths
     pad_id = eager.tokenizer.pad_token_id
     seen = spy_logits(eager, monkeypatch)
     eager.predict(pairs, batch_size=8)
@@ -140,7 +146,7 @@ def test_tokenization_equals_cross_encoder(eager, tiny_cross_encoder):
     assert eager.max_seq_length == ce.max_seq_length
     pairs = workload(20, seed=2)
     ours = eager._encode(pairs)
-    ids, lengths = ours.padded(int(ours.lengths.max()), 1), ours.lengths
+    ids, lengths = padded(ours, 1), ours.lengths
     enc = ce.preprocess(pairs)
     ref_lengths = enc["attention_mask"].sum(1).numpy()
     assert lengths.tolist() == ref_lengths.tolist()

