@@ -1,11 +1,14 @@
-"""Getting a model: the hub reranker, a local directory, or the offline synthetic twin.
+"""Getting a model: the hub reranker, a local directory, or an offline synthetic twin.
 
 Without hub access the benchmarks run on the synthetic twin of jina-reranker-v2: the same
 architecture and sizes, seeded random weights, a tokenizer trained on data.SENTENCES; its
-timings are valid, its scores meaningless. Jina checkpoints (remote code, other weight
-names) convert to transformers' native XLM-RoBERTa, which the fast path compiles.
+timings are valid, its scores meaningless. Every other reranker family has a twin too
+(twins.py: `synthetic-<family>` and `synthetic-<family>-tiny`, FAMILY_TWINS lists them).
+Jina checkpoints (remote code, other weight names) convert to transformers' native
+XLM-RoBERTa, which the fast path compiles.
 
     python models.py build-synthetic full   # prints the cached twin's directory
+    python models.py build-synthetic tiny --family bert
     python models.py convert SRC DST         # jina checkpoint -> native XLM-R directory
 """
 
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
 
 import packing
+from twins import FAMILY_TWINS, family_twin_dir, parse_twin_name, twin_names  # noqa: F401 (re-exported)
 
 HUB_ID = "jinaai/jina-reranker-v2-base-multilingual"
 # A machine without hub access may drop packets instead of refusing them, and the hub client
@@ -70,9 +74,15 @@ def _read_json(directory, name: str) -> dict:
 # ---- resolving a model name ----
 
 def resolve_model(name: str = "auto") -> str:
-    """"auto" | "synthetic" | "synthetic-tiny" | hub id | local dir -> a directory CrossEncoder loads."""
+    """"auto" | "synthetic[-<family>][-tiny]" | hub id | local dir -> a directory CrossEncoder loads."""
     if name in ("synthetic", "synthetic-tiny"):
         return synthetic_dir("full" if name == "synthetic" else "tiny")
+    if name.startswith("synthetic-") and not os.path.isdir(name):
+        try:
+            family, size = parse_twin_name(name)
+        except ValueError as e:
+            raise ModelNotFoundError(str(e)) from None
+        return family_twin_dir(family, size)
     if name == "auto":
         path, tried = _hub_snapshot(HUB_ID)
         if path is None:
@@ -90,8 +100,8 @@ def resolve_model(name: str = "auto") -> str:
         state = "is not a directory" if os.path.exists(path) else "does not exist"
         raise ModelNotFoundError(f"model directory {name} {state}")
     if "/" not in name:
-        raise ModelNotFoundError(f"unknown model {name!r}: expected auto, synthetic, synthetic-tiny, "
-                                 "a hub id (org/name) or a local model directory")
+        raise ModelNotFoundError(f"unknown model {name!r}: expected auto, a hub id (org/name), a local model "
+                                 f"directory or a synthetic twin ({', '.join(twin_names())})")
     path, tried = _hub_snapshot(name)
     if path is None:
         raise ModelNotFoundError(f"model {name} not found: {'; '.join(tried)}. Without hub access use "
@@ -129,7 +139,8 @@ def model_source(path) -> str:
     """One line for reports: where the weights came from."""
     path = str(path)
     if meta := _read_json(path, SYNTHETIC_MARKER):
-        return f"random-weight synthetic twin ({meta['size']}, seed {meta['seed']})"
+        family = f"{meta['family']}, " if "family" in meta else ""  # the xlm-roberta twin's marker has none
+        return f"random-weight synthetic twin ({family}{meta['size']}, seed {meta['seed']})"
     if meta := _read_json(path, CONVERTED_MARKER):
         return f"{model_source(meta['source'])}, converted to native XLM-R"
     if hub := re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", path):
@@ -395,13 +406,15 @@ def main(argv=None) -> None:
     convert = sub.add_parser("convert", help="convert a jina-reranker-v2 checkpoint to native XLM-RoBERTa")
     convert.add_argument("src", help="directory of the jina checkpoint (config.json with auto_map, weights)")
     convert.add_argument("dst", help="directory to write the native checkpoint into")
-    build = sub.add_parser("build-synthetic", help="build (once) and print the synthetic twin's directory")
-    build.add_argument("size", choices=sorted(SIZES), help="full: the reference model's sizes; tiny: for tests")
+    build = sub.add_parser("build-synthetic", help="build (once) and print a synthetic twin's directory")
+    build.add_argument("size", choices=sorted(SIZES), help="full: the mirrored model's sizes; tiny: for tests")
+    build.add_argument("--family", choices=list(FAMILY_TWINS), default="xlm-roberta",
+                       help="model family to mirror (default xlm-roberta: jina-reranker-v2's twin)")
     build.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = parser.parse_args(argv)
     try:
         print(convert_jina_checkpoint(args.src, args.dst) if args.command == "convert"
-              else synthetic_dir(args.size, args.seed))
+              else family_twin_dir(args.family, args.size, args.seed))
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
 
