@@ -302,6 +302,18 @@ def model_config(path: str):
     return AutoConfig.from_pretrained(path, trust_remote_code=models.is_jina_checkpoint(path))
 
 
+def model_dims(config) -> dict[str, int]:
+    """hidden, intermediate and layer count for the FLOPs count, under each family's config names
+    (DistilBERT: dim, hidden_dim, n_layers)."""
+    text = config.get_text_config()
+
+    def first(*names):
+        return next(int(getattr(text, n)) for n in names if getattr(text, n, None) is not None)
+
+    return dict(hidden=first("hidden_size", "dim"), intermediate=first("intermediate_size", "hidden_dim"),
+                layers=first("num_hidden_layers", "n_layers"))
+
+
 def prepare(cfg: BenchConfig, notes, title: str) -> Prepared:
     """Inputs, model path and report; every user error is raised here, before any model loads."""
     progress = not cfg.quiet and sys.stderr.isatty()
@@ -314,7 +326,7 @@ def prepare(cfg: BenchConfig, notes, title: str) -> Prepared:
     workloads = make_workloads(cfg)  # a broken pairs file stops here
     path = models.resolve_model(cfg.model)  # so does a model that cannot be found
     config = model_config(path)
-    if cfg.max_length > (limit := packing.position_limit(config)):
+    if (limit := packing.position_limit(config)) is not None and cfg.max_length > limit:
         raise SettingError(f"max_length must be <= {limit} (the model's position limit), got {cfg.max_length}")
     print(title)
     print(cfg)
@@ -326,7 +338,7 @@ def prepare(cfg: BenchConfig, notes, title: str) -> Prepared:
     orders = [o for o in ("sorted", "unsorted", "latency") if o in workloads]
     primary = next(o for o in ("latency", "unsorted", "sorted") if o in workloads)
     lengths = [token_lengths(tokenizer, as_pairs(w), cfg.max_length) for w in workloads[primary]]
-    dims = dict(hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers)
+    dims = model_dims(config)
     report = rp.Report(config=dataclasses.asdict(cfg), environment=bu.environment(cfg.device, cfg.torch_dtype),
                        model_source=models.model_source(path), notes=list(notes),
                        workload=bu.workload_summary("rerank" if primary == "latency" else "pairs", lengths, **dims))

@@ -30,9 +30,9 @@ import torch
 from sentence_transformers import CrossEncoder
 from tqdm.auto import tqdm
 
+from families import default_position_offset, family_of, uses_token_types
 from pair_tokenizer import PairTokenizer, Ragged, validate_pairs
 from packing import (
-    ATTENTION_BACKENDS,
     BUCKET_MULTIPLE,
     TOKEN_MULTIPLE,
     PaddedBatch,
@@ -41,10 +41,10 @@ from packing import (
     chunk_bounds,
     is_cuda,
     pack_batch,
-    packed_forward,
-    packed_unsupported_reason,
     plan_token_batches,
+    pool,
     position_limit,
+    register_library_attention,
     token_buckets,
 )
 
@@ -131,6 +131,9 @@ class DynamicCrossEncoder(CrossEncoder):
         path = checkpoint_dir(model_name_or_path, local_files_only=kwargs.get("local_files_only", False))
         super().__init__(path, model_kwargs=model_kwargs, **kwargs)
         self.eval()
+        self.family = family_of(self)  # UnsupportedModelError (a ValueError) naming what is missing
+        self._pool = self.family.pool(self)
+        self._token_types = uses_token_types(self)
         self._check_max_length(kwargs.get("max_length"))
 
         self.bucket_multiple = bucket_multiple
@@ -160,14 +163,17 @@ class DynamicCrossEncoder(CrossEncoder):
             self.max_seq_length = limit  # tokenizers without model_max_length report ~1e30
 
     def _setup_forward(self, packed: bool, attention_backend: str | None):
-        if packed and (reason := packed_unsupported_reason(self.model)):
-            warnings.warn(f"packed=True is not supported for this model ({reason}); using the padded path", stacklevel=3)
+        self.packed_reason = self.family.packed_reason(self)
+        if packed and self.packed_reason:
+            warnings.warn(f"packed=True is not supported for {self.family.name} ({self.packed_reason}); "
+                          "using the padded path", stacklevel=3)
             packed = False
         self.packed = packed
         if packed:
+            window = "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ())
             self.attention_backend, self.attention_reason = choose_attention_backend(
-                self.device.type, self.model.dtype, attention_backend)
-            self._attention = ATTENTION_BACKENDS[self.attention_backend]
+                self.device.type, self.model.dtype, attention_backend, window=window)
+            register_library_attention()
             fn = self._packed_logits
         else:
             self.attention_backend, self.attention_reason = self.model.config._attn_implementation, "the model's own"
@@ -176,7 +182,17 @@ class DynamicCrossEncoder(CrossEncoder):
 
     @property
     def position_limit(self) -> int:
-        return position_limit(self.model.config)
+        limit = position_limit(self.model.config)
+        return limit if limit is not None else int(self.tokenizer.model_max_length)
+
+    @property
+    def _pad_id(self) -> int:
+        """The model config's pad id (what RoBERTa positions and "last non-pad token" heads compare
+        with, as transformers does), else the tokenizer's."""
+        for pad in (self.model.config.pad_token_id, self.tokenizer.pad_token_id):
+            if pad is not None:
+                return int(pad)
+        return 0
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -195,19 +211,56 @@ class DynamicCrossEncoder(CrossEncoder):
             path = f"packed, {self.attention_backend} ({self.attention_reason}), <= {self.max_tokens_per_batch} tokens/batch"
         else:
             path = f"padded to x{self.bucket_multiple}, {self.attention_backend}"
+            if self.packed_reason:
+                path += f" (no packed path: {self.packed_reason})"
         dtype = str(self.model.dtype).removeprefix("torch.")
-        return f"DynamicCrossEncoder({path}; {how}; {dtype}; host: {self._pair_tokenizer().describe()})"
+        family = f"{self.family.name}, head reads the {self._pool.replace('_', '-')} token" + (
+            " (mean)" if self._pool == "mean" else "") + (", token types" if self._token_types else "")
+        family = family.replace("the mean token (mean)", "the mean of the tokens")
+        return f"DynamicCrossEncoder({family}; {path}; {how}; {dtype}; host: {self._pair_tokenizer().describe()})"
 
     # --- the compiled boundary: what it returns may live in CUDA-graph memory (see _run_batch) ----
 
-    def _padded_logits(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    def _padded_logits(self, input_ids, attention_mask, token_type_ids, index):
+        """(n, width) each, index (n,) -> (n, labels) float32: the family's base model with its own
+        attention and mask, then its head on the pooled rows."""
+        kw = {"token_type_ids": token_type_ids} if self._token_types else {}
+        hidden = self.family.base(self)(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        n, width = input_ids.shape
+        rows = torch.arange(n, device=input_ids.device)[:, None]
+        seq_ids = torch.where(attention_mask.bool(), rows, n).flatten()
+        pooled = pool(hidden.reshape(n * width, -1), self._pool, index, seq_ids, attention_mask.sum(1))
+        return self.family.head(self, pooled).float()
 
-    def _packed_logits(self, input_ids, positions, cu_seqlens, cls_index):
+    def _packed_logits(self, input_ids, positions, token_types, seq_ids, slots, cu_seqlens, index, width):
+        """The packed batch's views (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's
+        own code on a (1, tokens) input, attention through the registered packed function."""
         # varlen kernels size their grid by max_seqlen and leave rows past it unwritten; the pad
         # tail is shorter than TOKEN_MULTIPLE, so this bound covers it as well as every real pair.
         max_seqlen = max(self.max_seq_length, TOKEN_MULTIPLE)
-        return packed_forward(self.model, input_ids, positions, cu_seqlens, cls_index, max_seqlen=max_seqlen, attention=self._attention)
+        kw = {"token_type_ids": token_types[None]} if self._token_types else {}
+        hidden = self.family.base(self)(
+            input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_width=width, **kw,
+        ).last_hidden_state[0]
+        seqs = index.shape[0]
+        pooled = pool(hidden, self._pool, index, seq_ids, cu_seqlens[1 : seqs + 1] - cu_seqlens[:seqs])
+        return self.family.head(self, pooled).float()
+
+    @contextlib.contextmanager
+    def _attention_for(self, batch_is_packed: bool):
+        """Packed calls run the model's code with the registered packed attention; the setting is
+        restored after, so CrossEncoder's own predict (prompts, pools) keeps the model's attention."""
+        if not batch_is_packed:
+            yield
+            return
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = f"fast_rerank_{self.attention_backend}"
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -296,24 +349,35 @@ class DynamicCrossEncoder(CrossEncoder):
 
     def _dummy_batch(self, shape, batch_size):
         """A batch of `shape` filled with full-length sequences, like a real full batch."""
-        tok = self.tokenizer
+        # the ids do not matter, only the shapes: a token that is not the pad
+        token = 1 + self._pad_id if self._pad_id + 1 < len(self.tokenizer) else 0
         if self.packed:
             length = min(shape, self.max_seq_length)
             n = max(1, min(batch_size, shape // length))
-            flat = np.full(n * length, tok.unk_token_id, dtype=np.int32)
-            flat[::length] = tok.cls_token_id
-            return pack_batch(flat, np.full(n, length), tokens=shape, max_seqs=batch_size, pad_id=tok.pad_token_id, pin=False)
+            return self._pack(np.full(n * length, token, dtype=np.int32), np.full(n, length), None, max_seqs=batch_size,
+                              pin=False, tokens=shape)
         rows, width = shape
-        flat = np.full(rows * width, tok.unk_token_id, dtype=np.int32)
-        return PaddedBatch.build(flat, np.full(rows, width), width=width, pad_id=tok.pad_token_id)
+        return self._pad(np.full(rows * width, token, dtype=np.int32), np.full(rows, width), None, width=width)
+
+    def _pack(self, flat, lengths, types, **kw):
+        return pack_batch(flat, lengths, pad_id=self._pad_id, types=types, pool=self._pool,
+                          position_offset=default_position_offset(self.model.config), **kw)
+
+    def _pad(self, flat, lengths, types, **kw):
+        return PaddedBatch.build(flat, lengths, pad_id=self._pad_id, types=types, pool=self._pool, **kw)
 
     # --- the fast path --------------------------------------------------------------------------
 
     def _pair_tokenizer(self) -> PairTokenizer:
         """The host tokenizer for the current max_seq_length (users may change it between calls)."""
         if self._pairs_tok is None or self._pairs_tok.max_length != self.max_seq_length:
-            self._pairs_tok = PairTokenizer(self.tokenizer, self.max_seq_length)
+            self._pairs_tok = PairTokenizer(self.tokenizer, self.max_seq_length, token_types=self._token_types,
+                                            reference=self._reference_tokenize)
         return self._pairs_tok
+
+    def _reference_tokenize(self, pairs) -> dict:
+        """CrossEncoder's own tokenization (prompt templates, truncation keeping their end)."""
+        return self.preprocess([list(p) for p in pairs])
 
     def _encode(self, pairs) -> Ragged:
         """Token ids exactly as CrossEncoder's tokenizer call gives them (longest_first at max_length)."""
@@ -367,7 +431,7 @@ class DynamicCrossEncoder(CrossEncoder):
     def _padded_batches(self, chunks, batch_size, timings):
         """Yields (PaddedBatch, row indices into pairs): each chunk sorted longest first (as
         CrossEncoder sorts its call), cut into batches padded to the next bucket."""
-        pin, pad_id = self._dev.type == "cuda", self.tokenizer.pad_token_id
+        pin = self._dev.type == "cuda"
         for chunk_rows, ids in chunks:
             t = time.perf_counter()
             order = np.argsort(-ids.lengths, kind="stable")
@@ -377,7 +441,7 @@ class DynamicCrossEncoder(CrossEncoder):
                 # logits are dropped), so every batch has one of the shapes warmup() ran
                 part = ids.take(rows if not self.graphs_per_shape else np.resize(rows, batch_size))
                 width = bucket_length(int(part.lengths.max()), self.bucket_multiple)
-                batch = PaddedBatch.build(part.flat, part.lengths, width=width, pad_id=pad_id, rows=len(rows), pin=pin)
+                batch = self._pad(part.flat, part.lengths, part.types, width=width, rows=len(rows), pin=pin)
                 timings.pack_s += time.perf_counter() - t
                 yield batch, chunk_rows[rows]
                 t = time.perf_counter()
@@ -385,12 +449,14 @@ class DynamicCrossEncoder(CrossEncoder):
     def _packed_batches(self, chunks, batch_size, timings):
         """Yields (PackedBatch, row indices into pairs): sequences in the caller's order (without
         padding their order does not matter), cut by the token budget and batch_size."""
-        pin, pad_id = self._dev.type == "cuda", self.tokenizer.pad_token_id
+        pin = self._dev.type == "cuda"
         for chunk_rows, ids in chunks:
             t = time.perf_counter()
             starts = ids.starts
             for lo, hi in plan_token_batches(ids.lengths, self.max_tokens_per_batch, batch_size):
-                batch = pack_batch(ids.flat[starts[lo] : starts[hi]], ids.lengths[lo:hi], max_seqs=batch_size, pad_id=pad_id, pin=pin)
+                span = slice(starts[lo], starts[hi])
+                batch = self._pack(ids.flat[span], ids.lengths[lo:hi], None if ids.types is None else ids.types[span],
+                                   max_seqs=batch_size, pin=pin)
                 timings.pack_s += time.perf_counter() - t
                 yield batch, chunk_rows[lo:hi]
                 t = time.perf_counter()
@@ -402,7 +468,7 @@ class DynamicCrossEncoder(CrossEncoder):
         except torch.OutOfMemoryError:
             if self._dev.type == "cuda":
                 torch.cuda.empty_cache()
-            halves = batch.split(self.tokenizer.pad_token_id)
+            halves = batch.split(self._pad_id)
             if halves is None:
                 raise
             warnings.warn(f"out of memory on a batch of {batch.num_seqs} pairs; split in two and retried", stacklevel=2)
@@ -420,7 +486,7 @@ class DynamicCrossEncoder(CrossEncoder):
         if self._host_only:  # host_seconds(): everything but the forward
             out = torch.zeros(batch.num_seqs, self.num_labels, device=self._dev)
         else:
-            with self._static_graph_limit():
+            with self._static_graph_limit(), self._attention_for(self.packed):
                 out = self._logits(*args)
         # Copied here, outside the compiled function and before the next launch: under CUDA graphs
         # `out` is the graph's static output, which the next replay overwrites (a clone made inside

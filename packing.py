@@ -1,10 +1,11 @@
-"""Batch layouts and the padding-free forward of DynamicCrossEncoder: pure helpers, no model state.
+"""Batch layouts and the padding-free attention of DynamicCrossEncoder: pure helpers, no model state.
 
 * bucket math and batch plans (which shapes a compiled graph can meet),
 * one type per batch layout: `PaddedBatch` (rows x width, right-padded) and `PackedBatch` (real
   tokens back to back, variable-length attention over cu_seqlens),
 * the variable-length attention backends and the rule that picks one for a device and dtype,
-* `packed_forward`: an XLM-R sequence classifier run on a packed batch with the model's own weights.
+* the attention functions registered in transformers' AttentionInterface, so each model's own
+  modeling code runs packed inputs, and the pooling of the rows a family's head reads.
 
 Kept apart from the CrossEncoder glue (as flash-attention keeps `bert_padding.py` apart from its
 models) so each piece is tested on its own, on the CPU.
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from families import default_position_offset
 from pair_tokenizer import ragged_arange
 
 try:
@@ -37,8 +39,6 @@ BUCKET_MULTIPLE = 16
 # sequence, so no real token attends to it). Keeps GEMM row counts aligned and bounds the shapes a
 # static compile or a CUDA graph per shape can meet to max_tokens_per_batch / TOKEN_MULTIPLE.
 TOKEN_MULTIPLE = 256
-PACKED_MODEL_TYPES = ("xlm-roberta", "roberta")
-ROBERTA_POSITION_TYPES = ("xlm-roberta", "roberta", "camembert", "xlm-roberta-xl")
 # The varlen kernels (flash-attn's and torch's) take half precision only.
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -52,11 +52,11 @@ def is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def position_limit(config) -> int:
+def position_limit(config) -> int | None:
     """Longest sequence the position table holds: RoBERTa-style models start positions at
-    padding_idx + 1 (1024 of XLM-R's 1026), BERT-style ones at 0."""
-    offset = (config.pad_token_id or 0) + 1 if config.model_type in ROBERTA_POSITION_TYPES else 0
-    return config.max_position_embeddings - offset
+    padding_idx + 1 (1024 of XLM-R's 1026), BERT-style ones at 0. None: no table to overflow."""
+    table = getattr(config, "max_position_embeddings", None)
+    return None if table is None else table - default_position_offset(config)
 
 
 # ---- bucket math and batch plans --------------------------------------------------------------
@@ -111,57 +111,100 @@ def _host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (host if host.is_pinned() else host.pin_memory()).to(device, non_blocking=True)
 
 
+def pool_index(flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray, pool: str, pad_id: int) -> np.ndarray:
+    """(seqs,) row, in the batch's token layout, of the token a family's head reads.
+
+    flat: (real tokens,) ids back to back; lengths: (seqs,); starts: (seqs,) row of each sequence's
+    first token in the layout. "first": token 0; "last": the last token; "last_non_pad": the last token
+    whose id is not pad_id, token 0 if there is none (transformers' GenericForSequenceClassification);
+    "mean" reads every token, so its index is token 0 (unused).
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    if pool in ("first", "mean"):
+        return starts
+    last = np.maximum(lengths, 1) - 1
+    if pool == "last":
+        return starts + last
+    if pool != "last_non_pad":
+        raise ValueError(f"pool must be one of first, last, last_non_pad, mean, got {pool!r}")
+    offsets = ragged_arange(lengths)
+    marked = np.where(flat != pad_id, offsets, -1)
+    found = np.full(len(lengths), -1, dtype=np.int64)
+    np.maximum.at(found, np.repeat(np.arange(len(lengths)), lengths), marked)
+    return starts + np.maximum(found, 0)
+
+
 @dataclass
 class PaddedBatch:
-    """buffer: (2, rows, width) int64 = input_ids right-padded with pad ids, attention_mask.
+    """host: one int64 buffer (one host-to-device copy) holding
+    input_ids, attention_mask, token_type_ids: (n, width) each, right-padded (pad ids, 0, 0);
+    pool_index: (n,) the row-major token index each head reads (see pool_index).
 
     Only the first `rows` rows are pairs of the call (default: all); the rest fill the batch up to a
     shape a graph was recorded for, and their logits are dropped."""
 
-    buffer: torch.Tensor
+    host: torch.Tensor
+    n: int
+    width: int
     rows: int | None = None
 
     @classmethod
     def build(cls, flat: np.ndarray, lengths: np.ndarray, *, width: int, pad_id: int, rows: int | None = None,
-              pin: bool = False) -> PaddedBatch:
-        """flat: (tokens,) ids of the sequences back to back, lengths: (n,) -> a batch exactly `width`
-        tokens wide (>= the longest), whose first `rows` rows (default n) are real. pin: build it in
-        pinned memory, so the copy to a GPU is one asynchronous transfer."""
-        buffer = torch.empty((2, len(lengths), width), dtype=torch.int64, pin_memory=pin)
-        ids, mask = buffer.numpy()
+              pin: bool = False, types: np.ndarray | None = None, pool: str = "first") -> PaddedBatch:
+        """flat: (tokens,) ids of the sequences back to back, lengths: (n,), types: (tokens,) token types
+        or None (all 0) -> a batch exactly `width` tokens wide (>= the longest), whose first `rows` rows
+        (default n) are real. pin: build it in pinned memory, so the copy to a GPU is one transfer."""
+        n = len(lengths)
+        batch = cls(torch.empty(3 * n * width + n, dtype=torch.int64, pin_memory=pin), n, width, rows)
+        ids, mask, tt, index = (v.numpy() for v in batch.views())
         np.less(np.arange(width)[None, :], lengths[:, None], out=mask)
+        real = mask.astype(bool)
         ids.fill(pad_id)
-        ids[mask.astype(bool)] = flat
-        return cls(buffer, rows)
+        ids[real] = flat
+        tt.fill(0)
+        if types is not None:
+            tt[real] = types
+        index[:] = pool_index(flat, lengths, np.arange(n) * width, pool, pad_id)
+        return batch
+
+    def views(self, host: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(input_ids, attention_mask, token_type_ids, pool_index) as views of `host` (default: this one)."""
+        b, m = self.host if host is None else host, self.n * self.width
+        return (*b[: 3 * m].view(3, self.n, self.width), b[3 * m :])
 
     @property
     def num_seqs(self) -> int:
-        return self.buffer.shape[1] if self.rows is None else self.rows
+        return self.n if self.rows is None else self.rows
 
     @property
     def shape_key(self) -> tuple:
         """What a static graph or a CUDA graph is specialized on."""
-        return ("padded", *self.buffer.shape[1:])
+        return ("padded", self.n, self.width)
 
     @property
     def real_tokens(self) -> int:
-        return int(self.buffer[1, : self.num_seqs].sum())
+        return int(self.views()[1][: self.num_seqs].sum())
 
     @property
     def padded_tokens(self) -> int:
-        return self.buffer[1].numel()
+        return self.n * self.width
 
     def device_args(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """-> (input_ids, attention_mask), each (rows, width), on `device`."""
-        dev = _host_to_device(self.buffer, device)
-        return dev[0], dev[1]
+        """-> (input_ids, attention_mask, token_type_ids) each (n, width), pool index (n,), on `device`."""
+        return self.views(_host_to_device(self.host, device))
 
     def split(self, pad_id: int) -> tuple[PaddedBatch, PaddedBatch] | None:
         """Two halves, in order, or None for a single pair."""
-        n = self.num_seqs
-        if n <= 1:
+        count = self.num_seqs
+        if count <= 1:
             return None
-        return PaddedBatch(self.buffer[:, : n // 2]), PaddedBatch(self.buffer[:, n // 2 : n])
+        ids, mask, tt, index = self.views()
+        halves = []
+        for a, b in ((0, count // 2), (count // 2, count)):
+            rows = b - a  # row-major indices shift with the rows before them
+            host = torch.cat([ids[a:b].flatten(), mask[a:b].flatten(), tt[a:b].flatten(), index[a:b] - a * self.width])
+            halves.append(PaddedBatch(host, rows, self.width))
+        return tuple(halves)
 
 
 @dataclass
@@ -169,10 +212,14 @@ class PackedBatch:
     """One packed batch, all int32 in a single buffer (one host-to-device copy).
 
     input_ids:  (tokens,)       real tokens of every sequence back to back, then pad ids up to the bucket
-    positions:  (tokens,)       2, 3, ... restarting at each sequence (XLM-R: padding_idx + 1 + offset)
+    positions:  (tokens,)       offset, offset + 1, ... restarting at each sequence (RoBERTa: padding_idx + 1)
+    token_types:(tokens,)       the tokenizer's token types (0 where it makes none)
+    seq_ids:    (tokens,)       sequence of each token; the pad tail and nothing else is max_seqs
+    slots:      (tokens,)       row of each token in a (max_seqs + 1, width) padded grid (CPU attention)
     cu_seqlens: (max_seqs + 2,) sequence starts, then the end; the pad tail is one extra sequence and
                                 unused slots repeat the end, so the shape only depends on max_seqs
-    cls_index:  (max_seqs,)     row of token 0 of each sequence (0 in unused slots)
+    pool_index: (max_seqs,)     row each head reads (first / last / last non-pad token; 0 in unused slots)
+    width: the longest sequence rounded up to BUCKET_MULTIPLE (the grid's width).
     """
 
     buffer: torch.Tensor
@@ -180,6 +227,9 @@ class PackedBatch:
     max_seqs: int
     num_seqs: int
     real_tokens: int
+    width: int
+    position_offset: int = 0
+    pool: str = "first"
 
     @property
     def padded_tokens(self) -> int:
@@ -190,33 +240,37 @@ class PackedBatch:
         return ("packed", self.tokens, self.max_seqs)
 
     def views(self, buffer: torch.Tensor | None = None):
-        """(input_ids, positions, cu_seqlens, cls_index) as views of `buffer` (default: the host one)."""
+        """(input_ids, positions, token_types, seq_ids, slots, cu_seqlens, pool_index) as views of
+        `buffer` (default: the host one)."""
         t, s = self.tokens, self.max_seqs
         b = self.buffer if buffer is None else buffer
-        return b[:t], b[t : 2 * t], b[2 * t : 2 * t + s + 2], b[2 * t + s + 2 :]
+        return (*b[: 5 * t].view(5, t), b[5 * t : 5 * t + s + 2], b[5 * t + s + 2 :])
 
-    def device_args(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        return self.views(_host_to_device(self.buffer, device))
+    def device_args(self, device: torch.device) -> tuple:
+        return (*self.views(_host_to_device(self.buffer, device)), self.width)
 
     def split(self, pad_id: int) -> list[PackedBatch] | None:
         """Two halves, in order, repacked, or None for a single pair."""
         n = self.num_seqs
         if n <= 1:
             return None
-        ids, _, cu, _ = (v.numpy() for v in self.views())
+        ids, _, types, _, _, cu, _ = (v.numpy() for v in self.views())
         starts = cu[: n + 1].astype(np.int64)
         lengths, h = np.diff(starts), n // 2
         pin = self.buffer.is_pinned()
-        return [pack_batch(ids[starts[a] : starts[b]], lengths[a:b], max_seqs=self.max_seqs, pad_id=pad_id, pin=pin)
+        return [pack_batch(ids[starts[a] : starts[b]], lengths[a:b], max_seqs=self.max_seqs, pad_id=pad_id, pin=pin,
+                           types=types[starts[a] : starts[b]], position_offset=self.position_offset, pool=self.pool)
                 for a, b in ((0, h), (h, n))]
 
 
 def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: int, pin: bool,
-               tokens: int | None = None) -> PackedBatch:
+               tokens: int | None = None, types: np.ndarray | None = None, position_offset: int | None = None,
+               pool: str = "first") -> PackedBatch:
     """Pack sequences into one flat batch.
 
-    flat: (real tokens,) ids of the sequences back to back, lengths: (batch,) -> PackedBatch with
-    `tokens` rows (default: the real token count rounded up to TOKEN_MULTIPLE). Array operations
+    flat: (real tokens,) ids of the sequences back to back, lengths: (batch,), types: (real tokens,) or
+    None -> PackedBatch with `tokens` rows (default: the real token count rounded up to TOKEN_MULTIPLE).
+    position_offset: first position id of each sequence (default pad_id + 1, XLM-R's). Array operations
     only, no per-token Python loop.
     """
     n = len(lengths)
@@ -224,50 +278,99 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
     tokens = bucket_length(real, TOKEN_MULTIPLE) if tokens is None else tokens
     if n > max_seqs or real > tokens:
         raise ValueError(f"batch of {n} sequences / {real} tokens does not fit {max_seqs} / {tokens}")
-    buf = torch.empty(2 * tokens + 2 * max_seqs + 2, dtype=torch.int32, pin_memory=pin)
-    batch = PackedBatch(buf, tokens, max_seqs, n, real)
-    flat_ids, pos, cu, cls = (v.numpy() for v in batch.views())
-    flat_ids[:real] = flat
-    flat_ids[real:] = pad_id
+    offset = pad_id + 1 if position_offset is None else position_offset
+    width = bucket_length(int(lengths.max()) if n else 1, BUCKET_MULTIPLE)
+    buf = torch.empty(5 * tokens + 2 * max_seqs + 2, dtype=torch.int32, pin_memory=pin)
+    batch = PackedBatch(buf, tokens, max_seqs, n, real, width, offset, pool)
+    flat_ids, pos, tt, seq, slots, cu, index = (v.numpy() for v in batch.views())
+    flat_ids[:real], flat_ids[real:] = flat, pad_id
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    # XLM-R positions: real tokens count from padding_idx + 1; pads sit at padding_idx.
-    pos[:real] = ragged_arange(lengths) + pad_id + 1
-    pos[real:] = pad_id
+    within = ragged_arange(lengths)
+    pos[:real] = within + offset
+    # pads get the pad position of RoBERTa-style models (padding_idx), else 0; no real token sees them
+    pos[real:] = pad_id if offset == pad_id + 1 else 0
+    tt[:real] = 0 if types is None else types
+    tt[real:] = 0
+    seq[:real] = np.repeat(np.arange(n), lengths)
+    seq[real:] = max_seqs
+    slots[:real] = seq[:real].astype(np.int64) * width + within
+    # the pad tail shares the spare last grid row; its rows are never read
+    slots[real:] = max_seqs * width + np.minimum(np.arange(tokens - real), width - 1)
     cu[: n + 1] = starts
     cu[n + 1 :] = tokens  # pad tail [real, tokens) is its own sequence; the rest are empty
-    cls[:n] = starts[:-1]
-    cls[n:] = 0
+    index[:n] = pool_index(flat, lengths, starts[:-1], pool, pad_id)
+    index[n:] = 0
     return batch
 
 
 # ---- variable-length attention ----------------------------------------------------------------
 # (q, k, v) (tokens, heads, head_dim), cu_seqlens (seqs + 1,) -> (tokens, heads, head_dim).
-# Each sequence attends only to itself.
+# Each sequence attends only to itself; `causal`: to itself up to the query; `window` w: to keys
+# within distance w (ModernBERT's local layers). k and v have as many heads as q (see _expand_kv).
 
 
-def _attn_flash(q, k, v, cu, max_seqlen, scale):
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+def _attn_flash(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+    w = (-1, -1) if window is None else (window, 0 if causal else window)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal,
+                                  window_size=w)
 
 
-def _attn_varlen(q, k, v, cu, max_seqlen, scale):
+def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
     # torch 2.10's varlen_attn has no `scale`; 2.11+ take it keyword-only. The kernels' default is
-    # head_dim ** -0.5, which is XLM-R's, so it is passed only when it differs.
-    if abs(scale * q.shape[-1] ** 0.5 - 1.0) < 1e-6:
-        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+    # head_dim ** -0.5, so it is passed only when it differs; window_size likewise only when set.
+    kw = {}
+    if abs(scale * q.shape[-1] ** 0.5 - 1.0) >= 1e-6:
+        kw["scale"] = scale
+    if causal or window is not None:
+        kw["window_size"] = (-1 if window is None else window, 0 if causal else window)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
 
 
-def _attn_nested(q, k, v, cu, max_seqlen, scale):
+def _attn_nested(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+    if window is not None:
+        raise ValueError("sdpa_nested has no sliding window; use sdpa_padded")
     offsets = cu.to(torch.int64)
     nt = [torch.nested.nested_tensor_from_jagged(x, offsets).transpose(1, 2) for x in (q, k, v)]
-    return F.scaled_dot_product_attention(*nt, scale=scale).transpose(1, 2).values()
+    return F.scaled_dot_product_attention(*nt, scale=scale, is_causal=causal).transpose(1, 2).values()
 
 
-def _attn_block_diagonal(q, k, v, cu, max_seqlen, scale):
-    # (tokens, tokens) mask: memory grows with tokens^2, so only for small batches (tests, CPU).
-    seq_id = torch.searchsorted(cu[1:], torch.arange(q.shape[0], device=q.device, dtype=cu.dtype), right=True)
+def _band(length: int, device, causal: bool, window: int | None) -> torch.Tensor | None:
+    """(length, length) bool: key j is visible to query i (None: all are)."""
+    if not causal and window is None:
+        return None
+    i = torch.arange(length, device=device)
+    d = i[:, None] - i[None, :]  # query - key
+    ok = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+    return ok if window is None else ok & (d.abs() <= window)
+
+
+def _attn_padded(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+    """Attention in a (seqs, width) grid: tokens scattered to their slots, SDPA with a key mask per
+    sequence, gathered back. Memory and work grow with seqs x width^2, not tokens^2; the projections
+    and MLPs around it stay packed. The CPU path."""
+    tokens, heads, dim = q.shape
+    seqs = cu.shape[0] - 1  # every sequence slot, the pad tail's included
+    slots = slots.long()
+    grid = [x.new_zeros(seqs * width, heads, dim).index_put_((slots,), x).view(seqs, width, heads, dim).transpose(1, 2)
+            for x in (q, k, v)]
+    lengths = (cu[1:] - cu[:-1]).clamp(max=width)
+    mask = torch.arange(width, device=q.device)[None, :] < lengths[:, None]
+    mask = mask | (lengths == 0)[:, None]  # empty slots: something to attend to, instead of NaN
+    mask = mask[:, None, None, :]
+    if (band := _band(width, q.device, causal, window)) is not None:
+        mask = mask & band
+    out = F.scaled_dot_product_attention(*grid, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(seqs * width, heads, dim)[slots]
+
+
+def _attn_block_diagonal(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+    # (tokens, tokens) mask: memory grows with tokens^2; a reference for tests, small batches only.
+    idx = torch.arange(q.shape[0], device=q.device, dtype=cu.dtype)
+    seq_id = torch.searchsorted(cu[1:], idx, right=True)
     mask = seq_id[:, None] == seq_id[None, :]
+    if (band := _band(q.shape[0], q.device, causal, window)) is not None:
+        mask = mask & band
     out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask, scale=scale)
     return out.transpose(0, 1)
 
@@ -276,34 +379,37 @@ ATTENTION_BACKENDS = {
     "flash_attn": _attn_flash,
     "varlen_attn": _attn_varlen,
     "sdpa_nested": _attn_nested,
+    "sdpa_padded": _attn_padded,
     "sdpa_block_diagonal": _attn_block_diagonal,
 }
 
 
-def attention_backends(device_type: str, dtype: torch.dtype) -> list[tuple[str, str]]:
-    """(name, why) of every backend usable for `device_type` and `dtype`, fastest first.
+def attention_backends(device_type: str, dtype: torch.dtype, *, window: bool = False) -> list[tuple[str, str]]:
+    """(name, why) of every backend usable for `device_type` and `dtype`, fastest first; `window`: the
+    model has sliding-window layers (sdpa_nested cannot take them).
 
     A pure function of its arguments (and of what is installed), so the choice for a CUDA device is
     tested without one."""
     usable = []
+    grid = ("sdpa_padded", "per-sequence grid, no tokens x tokens mask")
+    reference = ("sdpa_block_diagonal", "tokens x tokens mask: small batches only")
     if device_type == "cuda":
         half = dtype in VARLEN_DTYPES
         if flash_attn_varlen_func is not None and half:
             usable.append(("flash_attn", "flash-attn installed"))
         if varlen_attn is not None and half:
             usable.append(("varlen_attn", "torch varlen attention" + ("" if flash_attn_available() else "; flash-attn not installed")))
-        if not half:  # fp32: the varlen kernels refuse it; nested tensors keep memory linear in tokens
-            usable.append(("sdpa_nested", f"{str(dtype).removeprefix('torch.')}: varlen kernels take fp16/bf16 only"))
-            return usable + [("sdpa_block_diagonal", "tokens x tokens mask: small batches only")]
-        return usable + [("sdpa_nested", "no varlen kernel"), ("sdpa_block_diagonal", "tokens x tokens mask: small batches only")]
-    # On the CPU the block-diagonal mask beats nested tensors by ~10x at the small token budgets
-    # used there; its (tokens, tokens) mask is why the CPU budget defaults to 2048.
-    return [("sdpa_block_diagonal", "CPU: fastest at small token budgets"), ("sdpa_nested", "CPU")]
+        why = f"{str(dtype).removeprefix('torch.')}: varlen kernels take fp16/bf16 only" if not half else "no varlen kernel"
+        nested = [] if window else [("sdpa_nested", why)]
+        return usable + nested + [grid, reference]
+    # On the CPU the grid keeps attention per sequence (seqs x width^2) and the GEMMs packed.
+    return [("sdpa_padded", "CPU: per-sequence grid, GEMMs packed"), reference] + ([] if window else [("sdpa_nested", "CPU")])
 
 
-def choose_attention_backend(device_type: str, dtype: torch.dtype, requested: str | None = None) -> tuple[str, str]:
+def choose_attention_backend(device_type: str, dtype: torch.dtype, requested: str | None = None, *,
+                             window: bool = False) -> tuple[str, str]:
     """-> (backend name, the reason it runs); ValueError naming the choices for an unusable request."""
-    usable = dict(attention_backends(device_type, dtype))
+    usable = dict(attention_backends(device_type, dtype, window=window))
     if requested is None:
         name = next(iter(usable))
         return name, usable[name]
@@ -313,41 +419,47 @@ def choose_attention_backend(device_type: str, dtype: torch.dtype, requested: st
     return requested, "requested"
 
 
-# ---- the packed forward -----------------------------------------------------------------------
+# ---- the library's own modeling code on packed inputs ---------------------------------------------
 
 
-def packed_unsupported_reason(model) -> str | None:
-    """Why the packed forward cannot run this transformers model, or None if it can."""
-    config = model.config
-    if config.model_type not in PACKED_MODEL_TYPES:
-        return f"model_type {config.model_type!r} is not one of {PACKED_MODEL_TYPES}"
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return f"position_embedding_type {config.position_embedding_type!r} is not 'absolute'"
-    if getattr(config, "is_decoder", False):
-        return "decoder models are not supported"
-    if not hasattr(model, "roberta") or not hasattr(model, "classifier"):
-        return f"{type(model).__name__} is not a *ForSequenceClassification model with a .roberta encoder"
-    return None
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(tokens, kv_heads, dim) -> (tokens, heads, dim): grouped-query attention shares each kv head."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def packed_forward(model, input_ids, positions, cu_seqlens, cls_index, *, max_seqlen: int, attention) -> torch.Tensor:
-    """Padding-free forward of an XLM-R sequence classifier with the model's own weights.
+def library_attention(backend: str):
+    """An attention function for transformers' AttentionInterface: the model's own modules compute
+    q, k, v (rotary included) for a (1, tokens) packed input and call this with the packing kwargs
+    (`cu_seq_lens_q`, `max_length_q`, and this project's `packed_slots`, `packed_width`)."""
+    fn = ATTENTION_BACKENDS[backend]
 
-    input_ids, positions: (tokens,); cu_seqlens: (seqs + 1,); cls_index: (seqs,) -> logits (seqs, labels)
-    in float32. Mirrors XLMRobertaForSequenceClassification in eval mode (dropout off): post-norm
-    blocks, token type 0 for every token, the classification head on token 0 of each sequence.
-    """
-    enc = model.roberta
-    emb = enc.embeddings
-    x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
-    x = emb.LayerNorm(x)
-    tokens = x.shape[0]
-    for layer in enc.encoder.layer:
-        att = layer.attention.self
-        heads, head_dim = att.num_attention_heads, att.attention_head_size
-        q, k, v = (proj(x).view(tokens, heads, head_dim) for proj in (att.query, att.key, att.value))
-        ctx = attention(q, k, v, cu_seqlens, max_seqlen, att.scaling).reshape(tokens, heads * head_dim)
-        x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
-        h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-        x = layer.output.LayerNorm(layer.output.dense(h) + x)
-    return model.classifier(x[cls_index].unsqueeze(1)).float()
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kw):
+        heads = query.shape[1]
+        q, k, v = query[0].transpose(0, 1), *(_expand_kv(x[0].transpose(0, 1), heads) for x in (key, value))
+        # transformers' sliding windows are flash-style inclusive (+1): keys within sliding_window - 1
+        window = None if sliding_window is None else int(sliding_window) - 1
+        out = fn(q, k, v, kw["cu_seq_lens_q"], kw["max_length_q"], scaling if scaling is not None else q.shape[-1] ** -0.5,
+                 causal=bool(getattr(module, "is_causal", False)), window=window, slots=kw.get("packed_slots"),
+                 width=kw.get("packed_width"))
+        return out[None], None  # (1, tokens, heads, dim), no attention weights
+
+    return attention
+
+
+def register_library_attention() -> None:
+    """Adds `fast_rerank_<backend>` to transformers' attention functions (idempotent). Without a mask
+    function of the same name, transformers builds no mask for them: the packing kwargs say it all."""
+    from transformers import AttentionInterface
+
+    for name in ATTENTION_BACKENDS:
+        AttentionInterface.register(f"fast_rerank_{name}", library_attention(name))
+
+
+def pool(hidden: torch.Tensor, kind: str, index: torch.Tensor, seq_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """hidden: (tokens, hidden) -> (seqs, hidden): the rows at `index`, or for "mean" the mean of each
+    sequence's tokens (seq_ids: (tokens,), seqs for tokens of no sequence; lengths: (seqs,))."""
+    if kind != "mean":
+        return hidden[index.long()]
+    seqs = index.shape[0]
+    sums = hidden.new_zeros(seqs + 1, hidden.shape[-1]).index_add_(0, seq_ids.long(), hidden)
+    return sums[:seqs] / lengths.clamp(min=1)[:, None].to(hidden.dtype)

@@ -48,10 +48,12 @@ def ragged_arange(lengths: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Ragged:
-    """Token ids of n sequences back to back. flat: (tokens,) int32; lengths: (n,) int64."""
+    """Token ids of n sequences back to back. flat: (tokens,) int32; lengths: (n,) int64;
+    types: (tokens,) int32 token types, or None where the tokenizer makes none."""
 
     flat: np.ndarray
     lengths: np.ndarray
+    types: np.ndarray | None = None
 
     @property
     def starts(self) -> np.ndarray:
@@ -61,12 +63,15 @@ class Ragged:
     def take(self, rows: np.ndarray) -> Ragged:
         """The sequences `rows`, in that order."""
         lengths = self.lengths[rows]
-        return Ragged(self.flat[np.repeat(self.starts[rows], lengths) + ragged_arange(lengths)], lengths)
+        at = np.repeat(self.starts[rows], lengths) + ragged_arange(lengths)
+        return Ragged(self.flat[at], lengths, None if self.types is None else self.types[at])
 
     @classmethod
-    def from_padded(cls, ids: np.ndarray, lengths: np.ndarray) -> Ragged:
-        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-        return cls(ids[mask].astype(np.int32), lengths.astype(np.int64))
+    def from_padded(cls, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None) -> Ragged:
+        """(n, width) ids, attention mask (either padding side) and token types -> the real tokens."""
+        real = np.asarray(mask).astype(bool)
+        return cls(np.asarray(ids)[real].astype(np.int32), real.sum(1).astype(np.int64),
+                   None if types is None else np.asarray(types)[real].astype(np.int32))
 
 
 def longest_first(n1: np.ndarray, n2: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,12 +95,25 @@ def _distinct(texts) -> tuple[list[str], np.ndarray]:
     return list(index), inverse
 
 
-class PairTokenizer:
-    """encode(pairs) -> Ragged token ids, as `tokenizer(a, b, truncation="longest_first",
-    max_length=max_length)` gives them."""
+# Pairs the fast path must tokenize exactly as the reference does before it is trusted: empty texts,
+# both truncation branches of longest_first, non-Latin text.
+PROBE_PAIRS = [("", ""), ("lorem ipsum", ""), ("", "dolor"), ("Καλημέρα κόσμε", "こんにちは世界 Привет"),
+               ("lorem ipsum dolor " * 400, "sit amet"), ("sit amet", "lorem ipsum dolor " * 400),
+               ("consectetur adipiscing " * 300, "elit sed do " * 500)]
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+
+class PairTokenizer:
+    """encode(pairs) -> Ragged token ids (and token types where the model takes them), as
+    `tokenizer(a, b, truncation="longest_first", max_length=max_length)` gives them, or as `reference`
+    (pairs -> dict of (n, width) input_ids, attention_mask[, token_type_ids]) gives them when set:
+    DynamicCrossEncoder passes CrossEncoder's own preprocess, so prompt templates apply exactly.
+
+    The fast path is used only after it matched the reference on PROBE_PAIRS; otherwise every call
+    goes to the reference, and `describe()` says why."""
+
+    def __init__(self, tokenizer, max_length: int, *, token_types: bool = False, reference=None):
+        self.tokenizer, self.max_length, self.token_types = tokenizer, max_length, token_types
+        self.reference = reference or self._transformers_call
         self.fallback_reason = self._unsupported(tokenizer)
         if self.fallback_reason is None:
             from tokenizers import Tokenizer
@@ -104,8 +122,13 @@ class PairTokenizer:
             self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
             self.backend.no_padding()
             self.backend.no_truncation()
-            self.prefix, self.middle, self.suffix = self._template()
-            self.budget = max(0, max_length - len(self.prefix) - len(self.middle) - len(self.suffix))
+            try:
+                self.prefix, self.middle, self.suffix = self._template()
+            except ValueError as e:
+                self.fallback_reason = str(e)
+        if self.fallback_reason is None:
+            self.budget = max(0, max_length - sum(len(part[0]) for part in (self.prefix, self.middle, self.suffix)))
+            self.fallback_reason = self._probe()
 
     @staticmethod
     def _unsupported(tokenizer) -> str | None:
@@ -115,39 +138,59 @@ class PairTokenizer:
             return f"truncation_side={tokenizer.truncation_side!r}"
         return None
 
-    def _template(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Special tokens before, between and after the two texts, read off one encoded pair."""
+    def _template(self):
+        """Special tokens (ids, types) before, between and after the two texts, and the types of the
+        texts' own tokens, read off one encoded pair."""
         enc = self.backend.encode("a", "b")
         seq = [-1 if s is None else s for s in enc.sequence_ids]
-        ids = np.asarray(enc.ids, dtype=np.int32)
+        ids, types = np.asarray(enc.ids, dtype=np.int32), np.asarray(enc.type_ids, dtype=np.int32)
         first, second = [i for i, s in enumerate(seq) if s == 0], [i for i, s in enumerate(seq) if s == 1]
-        parts = ids[: first[0]], ids[first[-1] + 1 : second[0]], ids[second[-1] + 1 :]
-        if sum(map(len, parts)) != len(ids) - len(first) - len(second):
+        if not first or not second:
+            raise ValueError(f"pair template {enc.tokens} does not contain both texts")
+        cuts = (slice(0, first[0]), slice(first[-1] + 1, second[0]), slice(second[-1] + 1, len(ids)))
+        if sum(c.stop - c.start for c in cuts) != len(ids) - len(first) - len(second):
             raise ValueError(f"unexpected pair template {enc.tokens}")
-        return parts
+        self.text_types = int(types[first[0]]), int(types[second[0]])
+        return [(ids[c], types[c]) for c in cuts]
+
+    def _probe(self) -> str | None:
+        got, want = self.encode(PROBE_PAIRS), self._encode_reference(PROBE_PAIRS)
+        if not (np.array_equal(got.lengths, want.lengths) and np.array_equal(got.flat, want.flat)):
+            return "the fast path's ids differ from CrossEncoder's on probe pairs (e.g. a prompt template)"
+        if self.token_types and (want.types is None or not np.array_equal(got.types, want.types)):
+            return "the fast path's token types differ from CrossEncoder's on probe pairs"
+        return None
 
     def describe(self) -> str:
         if self.fallback_reason:
-            return f"transformers tokenizer call ({self.fallback_reason})"
-        return "tokenizers backend, each distinct text once"
+            return f"CrossEncoder's tokenization ({self.fallback_reason})"
+        return "tokenizers backend, each distinct text once" + (", token types" if self.token_types else "")
 
     def encode(self, pairs) -> Ragged:
         if self.fallback_reason:
-            return self._encode_with_transformers(pairs)
+            return self._encode_reference(pairs)
         (firsts, i1), (seconds, i2) = _distinct([a for a, _ in pairs]), _distinct([b for _, b in pairs])
         # one parallel encode for both sides: a call's threads are started once
         a = b = self._encode_texts(firsts + seconds)
         i2 = i2 + len(firsts)
         keep1, keep2 = longest_first(a.lengths[i1], b.lengths[i2], self.budget)
-        p, m, s = len(self.prefix), len(self.middle), len(self.suffix)
-        out = Ragged(np.empty(int((keep1 + keep2).sum()) + len(pairs) * (p + m + s), dtype=np.int32),
-                     keep1 + keep2 + (p + m + s))
+        (pre, pre_t), (mid, mid_t), (suf, suf_t) = self.prefix, self.middle, self.suffix
+        p, m, s = len(pre), len(mid), len(suf)
+        total = int((keep1 + keep2).sum()) + len(pairs) * (p + m + s)
+        out = Ragged(np.empty(total, dtype=np.int32), keep1 + keep2 + (p + m + s),
+                     np.empty(total, dtype=np.int32) if self.token_types else None)
         starts = out.starts[:-1]
-        for ids, at in ((self.prefix, starts), (self.middle, starts + p + keep1), (self.suffix, starts + p + keep1 + m + keep2)):
+        at_a, at_b = starts + p, starts + p + keep1 + m
+        for ids, types, at in ((pre, pre_t, starts), (mid, mid_t, at_a + keep1), (suf, suf_t, at_b + keep2)):
             for j, token in enumerate(ids):  # a handful of special tokens, each written for every pair at once
                 out.flat[at + j] = token
-        _copy_prefixes(out.flat, starts + p, a, i1, keep1)
-        _copy_prefixes(out.flat, starts + p + keep1 + m, b, i2, keep2)
+                if out.types is not None:
+                    out.types[at + j] = types[j]
+        _copy_prefixes(out.flat, at_a, a, i1, keep1)
+        _copy_prefixes(out.flat, at_b, b, i2, keep2)
+        if out.types is not None:
+            for at, keep, value in ((at_a, keep1, self.text_types[0]), (at_b, keep2, self.text_types[1])):
+                out.types[np.repeat(at, keep) + ragged_arange(keep)] = value
         return out
 
     def _encode_texts(self, texts: list[str]) -> Ragged:
@@ -156,11 +199,17 @@ class PairTokenizer:
         flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum()))
         return Ragged(flat, lengths)
 
-    def _encode_with_transformers(self, pairs) -> Ragged:
-        enc = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
-                             max_length=self.max_length, padding=True, padding_side="right",
-                             return_tensors="np", return_token_type_ids=False)
-        return Ragged.from_padded(enc["input_ids"], enc["attention_mask"].sum(1))
+    def _transformers_call(self, pairs) -> dict:
+        return self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
+                              max_length=self.max_length, padding=True, return_tensors="np",
+                              return_token_type_ids=self.token_types)
+
+    def _encode_reference(self, pairs) -> Ragged:
+        enc = self.reference(list(pairs))
+        arrays = {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in enc.items()
+                  if k in ("input_ids", "attention_mask", "token_type_ids")}
+        types = arrays.get("token_type_ids") if self.token_types else None
+        return Ragged.from_padded(arrays["input_ids"], arrays["attention_mask"], types)
 
 
 def _copy_prefixes(dst: np.ndarray, dst_starts: np.ndarray, src: Ragged, rows: np.ndarray, keep: np.ndarray):

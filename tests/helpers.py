@@ -56,7 +56,7 @@ def spy_logits(model, monkeypatch, before=None):
     def spy(*args):
         if before is not None:
             before(*args)
-        calls.append(tuple(a.clone() for a in args))
+        calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
         return original(*args)
 
     monkeypatch.setattr(model, "_logits", spy)

@@ -64,16 +64,34 @@ def back_to_back(ids, lengths):
 
 def test_pack_batch_layout():
     ids, lengths = padded_ids([5, 1, 3])
-    batch = pack_batch(*back_to_back(ids, lengths), tokens=16, max_seqs=5, pad_id=1, pin=False)
-    flat, pos, cu, cls = batch.views()
-    assert [v.dtype for v in (flat, pos, cu, cls)] == [torch.int32] * 4
-    assert [v.shape[0] for v in (flat, pos, cu, cls)] == [16, 16, 5 + 2, 5]
-    assert (batch.tokens, batch.max_seqs, batch.num_seqs, batch.real_tokens) == (16, 5, 3, 9)
+    types = (np.arange(9) % 2).astype(np.int32)
+    batch = pack_batch(*back_to_back(ids, lengths), tokens=16, max_seqs=5, pad_id=1, pin=False, types=types)
+    flat, pos, tt, seq, slots, cu, cls = batch.views()
+    views = (flat, pos, tt, seq, slots, cu, cls)
+    assert [v.dtype for v in views] == [torch.int32] * 7
+    assert [v.shape[0] for v in views] == [16] * 5 + [5 + 2, 5]
+    assert (batch.tokens, batch.max_seqs, batch.num_seqs, batch.real_tokens, batch.width) == (16, 5, 3, 9, 16)
     assert flat[:9].tolist() == ids[0, :5].tolist() + ids[1, :1].tolist() + ids[2, :3].tolist()
     assert flat[9:].tolist() == [1] * 7  # pad tail
     assert pos.tolist() == [2, 3, 4, 5, 6, 2, 2, 3, 4] + [1] * 7
+    assert tt.tolist() == types.tolist() + [0] * 7
+    assert seq.tolist() == [0] * 5 + [1] + [2] * 3 + [5] * 7  # the pad tail is nobody's: slot max_seqs
+    # grid rows: sequence * width + position; the pad tail shares the spare last row
+    assert slots.tolist() == [0, 1, 2, 3, 4, 16, 32, 33, 34] + [80 + i for i in range(7)]
     assert cu.tolist() == [0, 5, 6, 9, 16, 16, 16]  # starts, end of the pad tail, unused slots repeat it
     assert cls.tolist() == [0, 5, 6, 0, 0]
+
+
+@pytest.mark.parametrize("pool, expected", [("first", [0, 5, 6]), ("mean", [0, 5, 6]), ("last", [4, 5, 8]),
+                                            ("last_non_pad", [3, 5, 6])])
+def test_pool_index_per_head(pool, expected):
+    """The row each head reads: token 0, the last token, or the last token that is not the pad id
+    (transformers' sequence classifiers for decoders; token 0 when a sequence is all pads)."""
+    flat = np.array([7, 8, 9, 9, 1, 1, 5, 1, 1], dtype=np.int32)  # pad id 1 inside sequences on purpose
+    batch = pack_batch(flat, np.array([5, 1, 3]), tokens=16, max_seqs=4, pad_id=1, pin=False, pool=pool,
+                       position_offset=0)
+    assert batch.views()[-1][:3].tolist() == expected
+    assert batch.views()[1][:9].tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2]  # positions from 0 (BERT-style)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +102,7 @@ def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
     pad_id = 1
     ids, lengths = padded_ids(lengths, pad_id, seed=len(lengths))
     batch = pack_batch(*back_to_back(ids, lengths), tokens=tokens, max_seqs=max_seqs, pad_id=pad_id, pin=False)
-    flat, pos, cu, cls = (v.long() for v in batch.views())
+    flat, pos, _, seq, slots, cu, cls = (v.long() for v in batch.views())
     mask = torch.from_numpy(np.arange(ids.shape[1])[None, :] < lengths[:, None])
     ref_pos = XLMRobertaEmbeddings.create_position_ids_from_input_ids(torch.from_numpy(ids), pad_id)
     real = int(lengths.sum())
@@ -95,6 +113,9 @@ def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
     assert cu.tolist() == starts.tolist() + [tokens] * (max_seqs + 1 - len(lengths))
     assert cls.tolist() == starts[:-1].tolist() + [0] * (max_seqs - len(lengths))
     assert torch.all(flat[cls[: len(lengths)]] == torch.from_numpy(ids[:, 0]))
+    # every real token has a grid row of its own, in its sequence's row of the grid
+    assert len(set(slots[:real].tolist())) == real
+    assert torch.equal(slots[:real] // batch.width, seq[:real]) and int(lengths.max()) <= batch.width
 
 
 def test_pack_batch_raises_on_overflow():
@@ -104,7 +125,7 @@ def test_pack_batch_raises_on_overflow():
     with pytest.raises(ValueError, match="does not fit"):
         pack_batch(*back_to_back(ids, lengths), tokens=64, max_seqs=2, pad_id=1, pin=False)  # too many sequences
     full = pack_batch(*back_to_back(ids, lengths), tokens=30, max_seqs=3, pad_id=1, pin=False)  # exactly full: no pad tail
-    assert full.views()[2].tolist() == [0, 10, 20, 30, 30]
+    assert full.views()[5].tolist() == [0, 10, 20, 30, 30]
 
 
 # ---- attention backends --------------------------------------------------------------------
@@ -126,10 +147,39 @@ def test_attention_backend_equals_per_sequence_sdpa(backend, cu):
     q, k, v = (torch.randn(tokens, heads, dim, generator=gen) * 2 for _ in range(3))
     cu = torch.tensor(cu, dtype=torch.int32)
     max_seqlen = int((cu[1:] - cu[:-1]).max())
-    out = ATTENTION_BACKENDS[backend](q, k, v, cu, max_seqlen, 0.3)
+    slots, width = grid_slots(cu)
+    out = ATTENTION_BACKENDS[backend](q, k, v, cu, max_seqlen, 0.3, slots=slots, width=width)
     ref = reference_attention(q, k, v, cu, 0.3)
     assert out.shape == q.shape
     assert ref.std() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def grid_slots(cu: torch.Tensor, width: int | None = None):
+    """(tokens,) grid rows (sequence * width + position) for cu_seqlens, as pack_batch lays them out."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    width = width or int(lengths.max())
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    within = torch.arange(int(cu[-1])) - cu[:-1].long()[seq]
+    return (seq * width + within).int(), width
+
+
+@pytest.mark.parametrize("backend", ["sdpa_padded", "sdpa_block_diagonal"])
+@pytest.mark.parametrize("causal, window", [(True, None), (False, 3), (True, 2)])
+def test_attention_backend_masks_like_a_per_sequence_reference(backend, causal, window):
+    """Causal (decoder rerankers) and windowed (ModernBERT's local layers: keys within `window`)."""
+    gen = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 6, 7, 19, 19, 24], dtype=torch.int32)
+    q, k, v = (torch.randn(24, 2, 8, generator=gen) for _ in range(3))
+    slots, width = grid_slots(cu, 16)
+    out = ATTENTION_BACKENDS[backend](q, k, v, cu, 12, 0.5, causal=causal, window=window, slots=slots, width=width)
+    ref = torch.zeros_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        i = torch.arange(b - a)
+        d = i[:, None] - i[None, :]
+        mask = (d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)) & (d.abs() <= (window or 10**9))
+        seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]
+        ref[a:b] = torch.nn.functional.scaled_dot_product_attention(*seg, attn_mask=mask, scale=0.5).transpose(0, 1)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
@@ -163,8 +213,8 @@ def test_pairs_longer_than_the_token_budget(backend, packed_model, tiny_cross_en
     calls = spy_logits(model, monkeypatch)
     ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
-    seqs = [1 + int(torch.count_nonzero(cls)) for *_, cls in calls]  # cls_index: 0, then the other starts
-    real = [int(cu[n]) for (_, _, cu, _), n in zip(calls, seqs)]
+    seqs = [1 + int(torch.count_nonzero(args[6])) for args in calls]  # pool index: 0, then the other starts
+    real = [int(args[5][n]) for args, n in zip(calls, seqs)]
     assert sum(seqs) == len(pairs) and len(calls) == model.last_timings.batches
     assert all(r <= 64 or n == 1 for r, n in zip(real, seqs)), "a pair over the budget shared its batch"
     assert sum(r > 64 for r in real) == 2

@@ -97,8 +97,11 @@ def test_ragged_helpers():
     taken = r.take(np.array([2, 0]))
     assert taken.flat.tolist() == [4, 5, 6, 1, 2] and taken.lengths.tolist() == [3, 2]
     padded = np.array([[1, 2, 9, 9], [3, 9, 9, 9], [4, 5, 6, 9]])
-    back = Ragged.from_padded(padded, r.lengths)
-    assert back.flat.tolist() == r.flat.tolist()
+    back = Ragged.from_padded(padded, np.arange(4)[None, :] < r.lengths[:, None])
+    assert back.flat.tolist() == r.flat.tolist() and back.lengths.tolist() == r.lengths.tolist()
+    left = np.array([[9, 9, 1, 2], [9, 9, 9, 3], [9, 4, 5, 6]])  # left padding, as causal rerankers have
+    back = Ragged.from_padded(left, left != 9, types=(left > 2).astype(int))
+    assert back.flat.tolist() == r.flat.tolist() and back.types.tolist() == [0, 0, 1, 1, 1, 1]
 
 
 class _NoBackend:
@@ -113,7 +116,7 @@ class _NoBackend:
 
 def test_tokenizer_without_backend_falls_back_and_says_so(tokenizer):
     host = PairTokenizer(_NoBackend(tokenizer), 64)
-    assert host.describe() == "transformers tokenizer call (_NoBackend has no `tokenizers` backend)"
+    assert host.describe() == "CrossEncoder's tokenization (_NoBackend has no `tokenizers` backend)"
     pairs = [("lorem ipsum", "dolor"), ("", " ".join(data.SENTENCES[:20]))]
     assert as_lists(host.encode(pairs)) == reference_ids(tokenizer, pairs, 64)
 
@@ -153,3 +156,17 @@ def test_host_ceiling_counts_pairs_over_seconds(tiny_cross_encoder, monkeypatch)
     assert ceiling.tokenizer_pairs_per_s == 40 / 2 and ceiling.host_pairs_per_s == 40 / 1.0
     assert bu.host_ceiling([[("a", "b")] * 4], tiny_cross_encoder.tokenizer, 32).host_pairs_per_s is None
 
+
+
+def test_template_the_fast_path_cannot_see_falls_back(tokenizer):
+    """A reference that adds a prompt (as CrossEncoder's chat template does for causal rerankers): the
+    probe pairs differ, so every call goes to the reference and its ids come back exactly."""
+    def with_prompt(pairs):
+        return tokenizer([f"judge: {a}" for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
+                         max_length=64, padding=True, return_tensors="np")
+
+    host = PairTokenizer(tokenizer, 64, reference=with_prompt)
+    assert "differ from CrossEncoder's on probe pairs" in host.describe()
+    pairs = [("lorem ipsum", "dolor"), ("", " ".join(data.SENTENCES[:20]))]
+    want = with_prompt(pairs)
+    assert as_lists(host.encode(pairs)) == [row[m.astype(bool)].tolist() for row, m in zip(want["input_ids"], want["attention_mask"])]

@@ -6,9 +6,6 @@ Logits (activation Identity) are compared at 1e-5: fp32 with the same weights di
 reference only by summation order; the reference must spread much wider than that (asserted).
 """
 
-import glob
-import os
-import shutil
 import threading
 
 import numpy as np
@@ -141,7 +138,7 @@ def oom_above(model, monkeypatch, limit: int):
     returns a function giving the sizes of the batches that ran so far."""
 
     def sizes(*args):
-        return 1 + int(torch.count_nonzero(args[3])) if model.packed else args[0].shape[0]  # cls_index: 0, then the other starts
+        return 1 + int(torch.count_nonzero(args[6])) if model.packed else args[0].shape[0]  # pool index: 0, then the other starts
 
     def oom(*args):
         if sizes(*args) > limit:
@@ -234,45 +231,3 @@ def test_rank_matches_cross_encoder(eager, ce_64):
     np.testing.assert_allclose([r["score"] for r in out], ref_scores, rtol=0, atol=TOL)
     top = eager.rank(query, docs, top_k=3)
     assert [r["corpus_id"] for r in top] == [r["corpus_id"] for r in ce_64.rank(query, docs, top_k=3)]
-
-
-# ---- models the packed path cannot run -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tiny_model_dir, tmp_path_factory):
-    """A tiny random BERT classifier with the twin's tokenizer (BERT is not packable)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    for name in glob.glob(os.path.join(tiny_model_dir, "*token*")) + glob.glob(os.path.join(tiny_model_dir, "*.model")):
-        shutil.copy(name, path)
-    config = BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=512, pad_token_id=1, num_labels=1, initializer_range=0.2)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def bert_ce(bert_dir):
-    return CrossEncoder(bert_dir, device="cpu", local_files_only=True, model_kwargs={"dtype": torch.float32})
-
-
-def test_unsupported_model_falls_back_to_padded(bert_dir, bert_ce):
-    with pytest.warns(UserWarning, match="packed=True is not supported.*model_type 'bert'"):
-        model = load(bert_dir, compile=False, packed=True)
-    assert not model.packed
-    pairs = data.load_pairs(10, seed=5, min_sentences=1, max_sentences=6) + [["", ""], ["lorem", ""]]
-    ref = bert_ce.predict(pairs, activation_fn=IDENTITY)
-    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=4), ref)
-
-
-def test_unsupported_model_keeps_cross_encoder_max_length(bert_dir, bert_ce):
-    # BERT positions start at 0: all 512 of its positions are usable (no XLM-R padding offset)
-    with pytest.warns(UserWarning, match="packed=True is not supported"):
-        model = load(bert_dir, compile=False, packed=True)
-    assert model.max_seq_length == bert_ce.max_seq_length == 512
-    long_text = " ".join(data.SENTENCES[:120])
-    pairs = [[long_text, long_text[::-1]], ["lorem", long_text], ["lorem", "ipsum"]]
-    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY), bert_ce.predict(pairs, activation_fn=IDENTITY))

@@ -1,0 +1,106 @@
+"""Model families: what each reranker architecture needs to be scored exactly, one small file each.
+
+A family says, for a loaded sentence-transformers CrossEncoder:
+
+* which token of each sequence its head reads (`pool`: "first", "last", "last_non_pad", "mean"),
+* the head itself: (seqs, hidden) pooled states -> (seqs, labels) logits, with the model's own weights,
+* whether the model takes token types, and where its positions start (RoBERTa: padding_idx + 1),
+* whether the padding-free path can run it, or why not.
+
+Both paths run the transformers base model (`model.base_model`) with the library's own code: padded
+with an attention mask, packed with `cu_seq_lens_*` through an attention function registered in
+transformers' AttentionInterface (packing.py). The family's head then reads the pooled rows, so no
+full-vocabulary projection and no classification head ever runs on padding.
+
+`family_of(cross_encoder)` picks the family once; the class never branches on a model type. Adding a
+family is a file here with a `FAMILY` and its tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+POOLS = ("first", "last", "last_non_pad", "mean")
+# transformers model types whose position ids start at padding_idx + 1 for every sequence
+ROBERTA_POSITION_TYPES = ("xlm-roberta", "roberta", "camembert", "xlm-roberta-xl")
+
+
+class UnsupportedModelError(ValueError):
+    """The class cannot score this model exactly; raised when it is built, never at predict time."""
+
+
+def _no_reason(ce) -> str | None:
+    return None
+
+
+def default_position_offset(config) -> int:
+    """First position id of every sequence: padding_idx + 1 for RoBERTa-style models, else 0."""
+    return (config.pad_token_id or 0) + 1 if config.model_type in ROBERTA_POSITION_TYPES else 0
+
+
+@dataclass(frozen=True)
+class Family:
+    """One reranker family. Every callable takes the loaded CrossEncoder (`ce`)."""
+
+    name: str
+    examples: str  # checkpoints of this family, for the README and errors
+    model_types: tuple[str, ...]  # config.model_type values it serves (empty: matched by modules)
+    pool: Callable[[object], str]  # ce -> one of POOLS
+    head: Callable[[object, object], object]  # (ce, pooled (seqs, hidden)) -> logits (seqs, labels)
+    packed_reason: Callable[[object], str | None] = _no_reason  # ce -> why the packed path cannot run it
+    base: Callable[[object], object] = lambda ce: ce.model.base_model  # the encoder the library runs
+    unsupported: Callable[[object], str | None] = _no_reason  # ce -> why this family cannot score it at all
+
+    def check(self, ce) -> None:
+        if self.pool(ce) not in POOLS:
+            raise UnsupportedModelError(f"{self.name}: pooling {self.pool(ce)!r} is not one of {POOLS}")
+
+
+def _families() -> list[Family]:
+    from families import bert, causal_lm, deberta_v2, distilbert, electra, modernbert, qwen, roberta, st_modules
+
+    return [m.FAMILY for m in (bert, electra, distilbert, roberta, modernbert, deberta_v2, qwen, causal_lm, st_modules)]
+
+
+def _tail(ce) -> list:
+    """The sentence-transformers modules after the Transformer (LogitScore, Pooling, Dense, ...)."""
+    return list(ce)[1:]
+
+
+def family_of(ce) -> Family:
+    """The family that scores this CrossEncoder exactly; UnsupportedModelError naming the architecture
+    and what is missing otherwise."""
+    from families import causal_lm, st_modules
+
+    arch = (getattr(ce.model.config, "architectures", None) or [type(ce.model).__name__])[0]
+    if tail := _tail(ce):
+        family = causal_lm.FAMILY if causal_lm.matches(tail) else st_modules.FAMILY
+    else:
+        model_type = ce.model.config.model_type
+        found = [f for f in _families() if model_type in f.model_types]
+        if not found:
+            known = sorted(t for f in _families() for t in f.model_types)
+            raise UnsupportedModelError(f"{arch} (model_type {model_type!r}) is not supported: no family for it "
+                                        f"(supported model types: {', '.join(known)})")
+        family = found[0]
+    if why := family.unsupported(ce):
+        modules = f" with sentence-transformers modules {[type(m).__name__ for m in tail]}" if tail else ""
+        raise UnsupportedModelError(f"{arch}{modules} is not supported ({family.name}): {why}")
+    family.check(ce)
+    return family
+
+
+def uses_token_types(ce) -> bool:
+    """True when CrossEncoder feeds token_type_ids to the model (the tokenizer returns them and the
+    model has more than one type): BERT, ELECTRA; dropping them changes every score."""
+    names = getattr(ce.tokenizer, "model_input_names", []) or []
+    return "token_type_ids" in names and (getattr(ce.model.config, "type_vocab_size", 0) or 0) > 0
+
+
+def library_attention_reason(ce) -> str | None:
+    """Why transformers' own modeling code cannot take packed inputs for this model, or None."""
+    base = ce.model.base_model
+    if not getattr(base, "_supports_attention_backend", False):
+        return f"{type(base).__name__} does not dispatch through transformers' attention interface"
+    return None

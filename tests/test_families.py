@@ -1,0 +1,183 @@
+"""Every reranker family scored exactly, on both paths, eager and compiled, against CrossEncoder.
+
+Each family's tiny offline twin (twins.py: the family's real architecture, tokenizer class, pair
+template and token types; random weights) is loaded twice: as the plain sentence-transformers
+CrossEncoder (the reference, fp32) and as DynamicCrossEncoder. Hard pairs: empty texts, one word,
+over-long texts truncated from either side, non-Latin scripts, duplicates, and a rerank query.
+"""
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import CrossEncoder
+
+import data
+import twins
+from dynamic_cross_encoder import DynamicCrossEncoder
+from families import UnsupportedModelError, family_of
+
+from helpers import EDGE_PAIRS, IDENTITY, LONG_TEXT, TOL, assert_same_logits
+
+FAMILIES = [f for f in twins.FAMILY_TWINS if f != "xlm-roberta"]  # xlm-roberta: tests/test_packed.py and others
+PADDED_ONLY = {"deberta-v2": "relative attention"}
+NON_LATIN = [["Καλημέρα κόσμε", "こんにちは世界"], ["Привет мир", "مرحبا بالعالم"], ["नमस्ते", "😀🎉 lorem"]]
+QUERY = "lorem ipsum dolor sit amet"
+
+
+def hard_pairs() -> list[list[str]]:
+    docs = data.load_pairs(6, seed=11, min_sentences=1, max_sentences=6)
+    return data.load_pairs(14, seed=3, min_sentences=1, max_sentences=10) + EDGE_PAIRS + NON_LATIN + [
+        [QUERY, d] for d, _ in docs]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return hard_pairs()
+
+
+_CACHE: dict = {}
+
+
+def reference_batch(family: str) -> int:
+    """CrossEncoder pads causal rerankers on the left, which shifts every real token's rotary position
+    by the padding: exact in arithmetic, not in fp32 (its own scores moved by 1.2-1.9e-5 between batch
+    sizes 8 and 1 on the twin). One pair per batch has no padding: the model's own score of the pair."""
+    return 1 if family == "qwen3-reranker" else 8
+
+
+def reference(family: str, pairs):
+    """(twin dir, CrossEncoder fp32, its logits on `pairs`), built once per family."""
+    if family not in _CACHE:
+        path = twins.family_twin_dir(family, "tiny")
+        ce = CrossEncoder(path, device="cpu", local_files_only=True, model_kwargs={"dtype": torch.float32})
+        _CACHE[family] = path, ce, ce.predict(pairs, activation_fn=IDENTITY, batch_size=reference_batch(family))
+    return _CACHE[family]
+
+
+def load(path, **kwargs):
+    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, **kwargs)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_equal_cross_encoder(family, packed, compile, pairs):
+    path, ce, ref = reference(family, pairs)
+    if packed and family in PADDED_ONLY:
+        with pytest.warns(UserWarning, match=f"packed=True is not supported.*{PADDED_ONLY[family]}"):
+            model = load(path, packed=True, compile=compile, max_tokens_per_batch=512)
+        assert not model.packed and PADDED_ONLY[family] in model.describe()
+    else:
+        model = load(path, packed=packed, compile=compile, max_tokens_per_batch=512)
+        assert model.packed is packed, "no silent fallback"
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+    # a different batch size cuts other batches; the scores stay the reference's
+    assert_same_logits(model.predict(pairs[::-1], activation_fn=IDENTITY, batch_size=3)[::-1], ref)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rank_order_equals_cross_encoder(family, packed, pairs):
+    path, ce, _ = reference(family, pairs)
+    docs = list(dict.fromkeys(b for _, b in pairs if b))[:16]  # distinct: duplicates tie exactly
+    want = ce.rank(QUERY, docs, activation_fn=IDENTITY, batch_size=reference_batch(family))
+    scores = np.array([r["score"] for r in want])
+    model = load(path, packed=packed and family not in PADDED_ONLY, compile=False)
+    got = model.rank(QUERY, docs, activation_fn=IDENTITY)
+    assert (-np.diff(scores)).min() > 2 * TOL, "ties would make the order ambiguous"
+    assert [r["corpus_id"] for r in got] == [r["corpus_id"] for r in want]
+    np.testing.assert_allclose([r["score"] for r in got], scores, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("family", ["bert", "electra", "bert-dense"])
+def test_token_types_are_the_tokenizers(family, pairs):
+    """BERT-style families: type 0 for `[CLS] A [SEP]`, 1 for `B [SEP]`, through longest_first truncation,
+    exactly as CrossEncoder's preprocess makes them; and the model receives them."""
+    path, ce, _ = reference(family, pairs)
+    model = load(path, compile=False)
+    got = model._encode(pairs)
+    want = ce.preprocess([list(p) for p in pairs])
+    mask = want["attention_mask"].bool().numpy()
+    assert got.types is not None and "token types" in model.describe()
+    assert got.types.tolist() == want["token_type_ids"].numpy()[mask].tolist()
+    assert got.flat.tolist() == want["input_ids"].numpy()[mask].tolist()
+    assert set(got.types.tolist()) == {0, 1}
+
+
+def test_token_types_change_bert_scores(pairs):
+    """Dropping the token types (as the class did before families) moves every BERT score: the check
+    above is what keeps them exact."""
+    path, ce, ref = reference("bert", pairs)
+    model = load(path, compile=False)
+    model._token_types = False
+    model._pairs_tok = None
+    assert np.abs(model.predict(pairs, activation_fn=IDENTITY) - ref).max() > 100 * TOL
+
+
+@pytest.mark.parametrize("family", ["distilbert", "modernbert", "qwen3-seq-cls"])
+def test_families_without_token_types_get_none(family, pairs):
+    path, *_ = reference(family, pairs)
+    assert load(path, compile=False)._encode(pairs[:3]).types is None
+
+
+def test_causal_reranker_applies_cross_encoders_prompt_template(pairs):
+    """The yes/no reranker's chat template comes from CrossEncoder's preprocess: the host tokenizer
+    says it falls back to it, and the ids equal CrossEncoder's, over-long pairs keeping the template's end."""
+    path, ce, _ = reference("qwen3-reranker", pairs)
+    model = load(path, compile=False)
+    assert "CrossEncoder's tokenization" in model.describe()
+    want = ce.preprocess([list(p) for p in pairs])
+    mask = want["attention_mask"].bool().numpy()
+    assert model._encode(pairs).flat.tolist() == want["input_ids"].numpy()[mask].tolist()
+    long = model._encode([[LONG_TEXT, LONG_TEXT]])
+    end = ce.preprocess([["lorem", "ipsum"]])["input_ids"][0, -5:].tolist()
+    assert long.flat[-5:].tolist() == end and long.lengths[0] == model.max_seq_length
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_causal_reranker_never_computes_the_vocabulary(packed, pairs, monkeypatch):
+    """Only the true and false rows of the output projection are read: lm_head itself never runs."""
+    path, _, ref = reference("qwen3-reranker", pairs)
+    model = load(path, packed=packed, compile=False)
+    calls = []
+    monkeypatch.setattr(model.model.lm_head, "forward", lambda x: calls.append(x.shape) or x)
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+    assert calls == []
+
+
+def test_head_reads_the_right_token_per_family(pairs):
+    path, *_ = reference("modernbert", pairs)
+    assert load(path, compile=False)._pool == "mean"
+    path, *_ = reference("modernbert-cls", pairs)
+    assert load(path, compile=False)._pool == "first"
+    path, *_ = reference("qwen3-seq-cls", pairs)
+    assert load(path, compile=False)._pool == "last_non_pad"
+    path, *_ = reference("qwen3-reranker", pairs)
+    assert load(path, compile=False)._pool == "last"
+
+
+# ---- what the class cannot score exactly is refused when it is built --------------------------
+
+
+def test_unknown_architecture_is_refused(tmp_path, pairs):
+    """An architecture no family covers (ALBERT) raises at construction, naming it."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    path, *_ = reference("bert", pairs)
+    out = tmp_path / "albert"
+    config = AlbertConfig(vocab_size=1024, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, num_labels=1)
+    AlbertForSequenceClassification(config).save_pretrained(out)
+    CrossEncoder(path, device="cpu", local_files_only=True).tokenizer.save_pretrained(out)
+    with pytest.raises(UnsupportedModelError, match=r"AlbertForSequenceClassification \(model_type 'albert'\) is not supported"):
+        load(str(out), compile=False)
+
+
+def test_unsupported_sentence_transformers_head_is_refused(pairs, monkeypatch):
+    """A Pooling mode the class does not reproduce (max) is named, not scored approximately."""
+    path, ce, _ = reference("bert-dense", pairs)
+    pooling = list(ce)[1]
+    monkeypatch.setattr(pooling, "pooling_mode", "max")
+    with pytest.raises(UnsupportedModelError, match="Pooling mode 'max'"):
+        family_of(ce)
+    assert isinstance(UnsupportedModelError("x"), ValueError)  # scripts turn it into a one-line error
