@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TWIN_FORMAT = 1  # bump when a family twin's recipe changes, so cached twins rebuild
+TWIN_FORMAT = 2  # bump when a family twin's recipe changes, so cached twins rebuild
 TOKENIZER_VOCAB_SIZE = 400  # trained pieces: lorem-ipsum words split ~1.4 pieces per word
 # Tiny twins: 2 layers, hidden 64, fp32. Their initializer ranges (and the full ones) are
 # larger than the trained models' 0.02 so that logits vary across inputs (see models.SIZES):
@@ -180,12 +180,16 @@ def _wordpiece_tokenizer(cls):
     from tokenizers import trainers
 
     backend = cls()._tokenizer  # the class's pipeline, to train the vocabulary through
+    # The trainer numbers "##x" pieces in hash-map order and breaks ties between equally frequent
+    # merges by those numbers: different vocabularies from run to run. Every character and its
+    # "##" form listed up front (ids in sorted order) makes the merges, and the twin, the same.
+    chars = sorted({c for text in _corpus() for c in backend.normalizer.normalize_str(text) if not c.isspace()})
     backend.train_from_iterator(_corpus(), trainer=trainers.WordPieceTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=_BERT_SPECIALS, show_progress=False))
-    vocab = backend.get_vocab()
-    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])[:5]] == _BERT_SPECIALS
-    # sorted by (id): the same file every build, whatever the trainer's hash-map order
-    return cls(vocab=dict(sorted(vocab.items(), key=lambda kv: kv[1])), model_max_length=512)
+        vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=_BERT_SPECIALS + chars + ["##" + c for c in chars],
+        show_progress=False))
+    vocab = dict(sorted(backend.get_vocab().items(), key=lambda kv: kv[1]))
+    assert list(vocab)[:5] == _BERT_SPECIALS
+    return cls(vocab=vocab, model_max_length=512)
 
 
 def _unigram_vocab(backend, specials: list[str], unk: str) -> list[tuple[str, float]]:
