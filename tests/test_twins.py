@@ -135,11 +135,24 @@ def test_dense_head_twin_modules(family_twin_dir, family_cross_encoder):
     assert isinstance(ce[3], Dense) and ce[3].module_output_name == "scores" and ce[3].out_features == 1
 
 
-def test_modernbert_twins_local_and_global_layers(family_cross_encoder):
-    for family, pooling in (("modernbert", "mean"), ("modernbert-cls", "cls")):
-        config = family_cross_encoder(family).model.config
-        assert config.classifier_pooling == pooling and config.local_attention == 128
-        assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+@pytest.mark.parametrize("family, pooling", [("modernbert", "mean"), ("modernbert-cls", "cls")])
+def test_modernbert_twins_local_window_changes_the_score(family, pooling, family_cross_encoder):
+    """A path that ignores the local window must fail a parity test on these twins."""
+    from transformers import AutoModelForSequenceClassification
+
+    ce = family_cross_encoder(family)
+    config = ce.model.config
+    assert config.classifier_pooling == pooling and config.local_attention == 16
+    assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert models.FAMILY_TWINS[family].extra["local_attention"] == 128  # full size: the real models' window
+    features = ce[0].preprocess(_pairs(8))
+    assert features["attention_mask"].sum(1).min() > config.local_attention  # every pair is cut by the window
+    inputs = {k: features[k] for k in ("input_ids", "attention_mask")}
+    unwindowed = AutoModelForSequenceClassification.from_pretrained(
+        ce.model.name_or_path, local_attention=4096, dtype=torch.float32)
+    with torch.no_grad():
+        windowed, full = ce.model(**inputs).logits, unwindowed(**inputs).logits
+    assert (windowed - full).abs().max() > 100 * 1e-5, (windowed, full)
 
 
 @pytest.mark.parametrize("family, dims, params", [
@@ -151,6 +164,7 @@ def test_modernbert_twins_local_and_global_layers(family_cross_encoder):
     ("modernbert", dict(hidden_size=768, num_hidden_layers=22, vocab_size=50368, classifier_pooling="mean"), 149.6e6),
     ("deberta-v2", dict(hidden_size=768, vocab_size=128100, relative_attention=True, type_vocab_size=0), 184.4e6),
     ("qwen3-reranker", dict(hidden_size=1024, num_hidden_layers=28, vocab_size=151669), 596.0e6),
+    ("qwen3-seq-cls", dict(hidden_size=1024, num_key_value_heads=8, head_dim=128), 596.0e6),
 ])
 def test_full_size_configs_mirror_the_checkpoints(family, dims, params):
     import transformers
@@ -162,6 +176,14 @@ def test_full_size_configs_mirror_the_checkpoints(family, dims, params):
         model = getattr(transformers, config.architectures[0])(config)
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - params) / params < 0.01, n
+
+
+def test_xlm_roberta_spec_describes_the_reference_twin(tiny_model_dir):
+    spec = models.FAMILY_TWINS["xlm-roberta"]
+    config = json.load(open(os.path.join(tiny_model_dir, "config.json")))
+    assert {k: config[k] for k in spec.tiny} == spec.tiny
+    full = {k: v for k, v in models.SIZES["full"].items() if k != "initializer_range"}
+    assert {k: spec.full[k] for k in full} == full
 
 
 def test_tokenizer_training_is_deterministic():
