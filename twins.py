@@ -9,6 +9,7 @@ can be benchmarked and tested without the hub. models.py resolves `synthetic-<fa
 
 import json
 import os
+import shutil
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ QWEN3_THINK = ["<think>", "</think>"]  # added, not special: Qwen3 tokenizes the
 @dataclass(frozen=True)
 class FamilyTwin:
     """One family's twin: the architecture, the checkpoints it mirrors, config dims per size."""
-    architecture: str
+    architecture: str  # the transformers class of the weights
     mirrors: tuple[str, ...]
     tokenizer: str  # the transformers class and the pair template it applies
     full: dict  # config overrides at the mirrored model's sizes
@@ -146,7 +147,7 @@ FAMILY_TWINS: "OrderedDict[str, FamilyTwin]" = OrderedDict([
         "CrossEncoder 6 adds LogitScore(yes, no) and pads left",
         full=_QWEN3_06B, tiny=_QWEN3_TINY, full_dtype="bfloat16", extra=_QWEN3_EXTRA)),
     ("bert-dense", FamilyTwin(
-        "BertModel + Pooling(mean) + Dense(tanh) + Dense(-> scores)",
+        "BertModel",
         ("CrossEncoder saved by sentence-transformers 6 with a pooling and dense head after a feature-extraction "
          "Transformer",),
         "BertTokenizer (WordPiece, lowercase): [CLS] A [SEP] B [SEP], token types 0 then 1",
@@ -282,7 +283,6 @@ def _config(family: str, size: str, tokenizer, dtype):
     spec = FAMILY_TWINS[family]
     dims = {**spec.extra, **(spec.full if size == "full" else spec.tiny)}
     assert len(tokenizer) <= dims["vocab_size"], (len(tokenizer), dims["vocab_size"])
-    arch = "BertModel" if family == "bert-dense" else spec.architecture
     ids = dict(pad_token_id=tokenizer.pad_token_id)
     if family.startswith("modernbert"):
         ids.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
@@ -291,8 +291,8 @@ def _config(family: str, size: str, tokenizer, dtype):
         ids.update(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
     elif family == "roberta-8k":
         ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config_class = getattr(transformers, arch).config_class
-    return config_class(**dims, **ids, num_labels=1, architectures=[arch], dtype=dtype)
+    config_class = getattr(transformers, spec.architecture).config_class
+    return config_class(**dims, **ids, num_labels=1, architectures=[spec.architecture], dtype=dtype)
 
 
 def _seeded_model(config, seed: int, dtype):
@@ -328,6 +328,8 @@ def _save_dense_cross_encoder(path: str, model, tokenizer, seed: int) -> None:
     hidden, std = model.config.hidden_size, model.config.initializer_range
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
+        # Large enough that the tanh is neither flat nor saturated on mean-pooled states and the
+        # scores spread across inputs (std 2-3 on 16 pairs), like the backbone's initializer_range.
         dense = Dense(hidden, hidden, activation_function=torch.nn.Tanh(),
                       init_weight=torch.randn(hidden, hidden) * std * 4, init_bias=torch.zeros(hidden))
         score = Dense(hidden, 1, activation_function=None, init_weight=torch.randn(1, hidden),
@@ -335,9 +337,7 @@ def _save_dense_cross_encoder(path: str, model, tokenizer, seed: int) -> None:
     transformer = Transformer(backbone, transformer_task="feature-extraction", model_kwargs={"dtype": model.dtype})
     encoder = CrossEncoder(modules=[transformer, Pooling(hidden, "mean"), dense, score], device="cpu")
     encoder.save(path)
-    import shutil
-
-    shutil.rmtree(backbone)
+    shutil.rmtree(backbone)  # the Transformer module saved its own copy at the top level
 
 
 def build_family_twin(path, family: str, size: str = "tiny", seed: int = 0) -> str:

@@ -60,6 +60,7 @@ def _raw_scores(ce, pairs):
 def test_twin_loads_with_the_family_tokenizer_and_scores_vary(family, family_cross_encoder):
     ce = family_cross_encoder(family)
     assert type(ce.tokenizer) is TOKENIZER_CLASS[family]
+    assert type(ce.model).__name__ == models.FAMILY_TWINS[family].architecture
     assert ce.num_labels == 1
     scores = _raw_scores(ce, _pairs())
     assert scores.shape == (16,) and np.isfinite(scores).all()
