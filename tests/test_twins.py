@@ -246,3 +246,15 @@ def test_twin_is_built_once_and_rebuilt_when_incomplete(model_cache):
 
     a, b = load_file(os.path.join(first, "model.safetensors")), load_file(weights)
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # the seed matters
+
+
+def test_full_size_bert_twin_builds_and_scores(tmp_path):
+    """The smallest full-size twin (22.7M parameters) end to end; the others share its code."""
+    from sentence_transformers import CrossEncoder
+
+    path = twins.build_family_twin(tmp_path / "bert-full", "bert", "full")
+    config = json.load(open(os.path.join(path, "config.json")))
+    assert (config["hidden_size"], config["num_hidden_layers"], config["dtype"]) == (384, 6, "float32")
+    ce = CrossEncoder(path, device="cpu", local_files_only=True)
+    assert _raw_scores(ce, _pairs()).std() > MIN_SCORE_STD
+    assert models.model_source(path) == "random-weight synthetic twin (bert, full, seed 0)"
