@@ -62,7 +62,8 @@ class BenchConfig:
     field holds the value that runs (device and device defaults resolved)."""
 
     model: str = field(default="auto", metadata=_opt(
-        str, "hub id, local dir, 'synthetic' or 'synthetic-tiny'; auto: the hub model, else its synthetic twin"))
+        str, "hub id, local dir, 'synthetic[-tiny]' or 'synthetic-<family>[-tiny]' (models.FAMILY_TWINS); "
+        "auto: the hub model, else its synthetic twin"))
     device: str = field(default="auto", metadata=_opt(str, "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'"))
     dtype: str = field(default="auto", metadata=_opt(str, "dtype of the model weights", choices=DTYPES))
     batch_size: int | None = field(default=None, metadata=_opt(int, "pairs per predict batch"))

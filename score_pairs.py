@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--engine", default="local", choices=("local", "ray"), help="local (default): this process, one device; ray: Ray Data workers")
     add("--num-workers", type=int, default=None, help="ray: workers, one GPU (or CPU slot) each (default: all the cluster has)")
     add("--address", default=None, help="ray: join a running cluster (host:port); default: start one on this machine")
-    add("--model", default="auto", help="'auto' (default), hub id, local dir, 'synthetic' or 'synthetic-tiny'")
+    add("--model", default="auto", help="'auto' (default), hub id, local dir, 'synthetic[-tiny]' or 'synthetic-<family>[-tiny]'")
     add("--device", default="auto", help="'auto' (default: cuda if available), 'cuda', 'cuda:N' (local engine) or 'cpu'")
     add("--dtype", default="auto", choices=DTYPES, help="'auto' (default) = bfloat16 on CUDA, float32 on CPU")
     add("--batch-size", type=int, default=64, help="pairs per predict batch (default: 64)")

@@ -9,19 +9,24 @@ can be benchmarked and tested without the hub. models.py resolves `synthetic-<fa
 
 import json
 import os
+import shutil
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-TWIN_FORMAT = 2  # bump when a family twin's recipe changes, so cached twins rebuild
+TWIN_FORMAT = 5  # bump when a family twin's recipe changes, so cached twins rebuild
 TOKENIZER_VOCAB_SIZE = 400  # trained pieces: lorem-ipsum words split ~1.4 pieces per word
 # Tiny twins: 2 layers, hidden 64, fp32. Their initializer ranges (and the full ones) are
 # larger than the trained models' 0.02 so that logits vary across inputs (see models.SIZES):
 # with 0.02 every pair gets nearly the same score and a parity test would prove nothing.
-# TINY_INIT 0.15 keeps the logits within about +-8 (std 0.3-2.5 over the test pairs): larger ranges
-# amplify fp32 rounding past 1e-5 in CrossEncoder itself (batch 8 vs batch 1 differed by 1.3e-5 at 0.3).
+# Seen on 16 short pairs, fp32 on a CPU: std of the raw logits 0.3-2.7 tiny (tests/test_twins.py
+# asserts > 0.05), 0.13 (modernbert-cls) to 2.5 (bert-dense) full; bf16 moves full-size logits by
+# 5-33% of that spread (distilbert 0.013 of 0.25, roberta-8k 0.059 of 0.26, modernbert-cls 0.043 of
+# 0.13, qwen3-reranker 0.21 of 1.67), as random networks amplify rounding.
+# TINY_INIT 0.15 keeps tiny logits within about +-8: larger ranges amplify fp32 rounding past 1e-5 in
+# CrossEncoder itself (its scores moved by 1.3e-5 between batch sizes 8 and 1 at 0.3).
 TINY_INIT = 0.15
 _TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 _BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0-4: [PAD] must be 0 (BertConfig)
@@ -53,7 +58,7 @@ QWEN3_THINK = ["<think>", "</think>"]  # added, not special: Qwen3 tokenizes the
 @dataclass(frozen=True)
 class FamilyTwin:
     """One family's twin: the architecture, the checkpoints it mirrors, config dims per size."""
-    architecture: str
+    architecture: str  # the transformers class of the weights
     mirrors: tuple[str, ...]
     tokenizer: str  # the transformers class and the pair template it applies
     full: dict  # config overrides at the mirrored model's sizes
@@ -84,7 +89,7 @@ FAMILY_TWINS: "OrderedDict[str, FamilyTwin]" = OrderedDict([
         ("cross-encoder/ms-marco-MiniLM-L6-v2", "cross-encoder/ms-marco-MiniLM-L12-v2", "BAAI/bge-reranker-base"),
         "BertTokenizer (WordPiece, lowercase): [CLS] A [SEP] B [SEP], token types 0 then 1",
         full=dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                  vocab_size=30522, initializer_range=0.05),
+                  vocab_size=30522, initializer_range=0.1),
         tiny=dict(_TINY, vocab_size=1024, initializer_range=TINY_INIT),
         extra=dict(max_position_embeddings=512, type_vocab_size=2))),
     ("electra", FamilyTwin(
@@ -103,7 +108,7 @@ FAMILY_TWINS: "OrderedDict[str, FamilyTwin]" = OrderedDict([
     ("roberta-8k", FamilyTwin(
         "XLMRobertaForSequenceClassification", ("BAAI/bge-reranker-v2-m3",),
         "XLMRobertaTokenizer (Unigram): <s> A </s></s> B </s>, no token types",
-        full=dict(_BERT_BASE, vocab_size=250002, initializer_range=0.05),
+        full=dict(_BERT_BASE, vocab_size=250002, initializer_range=0.08),
         tiny=dict(_TINY, vocab_size=1024, initializer_range=TINY_INIT),
         extra=dict(max_position_embeddings=8194, type_vocab_size=1, layer_norm_eps=1e-5),
         note="full size keeps the real 8194 positions and vocabulary but base dims (768 x 12 layers, not "
@@ -113,16 +118,17 @@ FAMILY_TWINS: "OrderedDict[str, FamilyTwin]" = OrderedDict([
         "PreTrainedTokenizerFast (byte-level BPE): [CLS] A [SEP] B [SEP], no token_type_ids returned",
         full=dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
                   vocab_size=50368, initializer_range=0.05),
-        tiny=dict(_TINY, num_hidden_layers=3, vocab_size=1024, initializer_range=TINY_INIT),
+        tiny=dict(_TINY, num_hidden_layers=3, vocab_size=1024, initializer_range=TINY_INIT, local_attention=16),
         extra=dict(max_position_embeddings=8192, local_attention=128, global_attn_every_n_layers=3,
                    classifier_pooling="mean"),
-        note="tiny has 3 layers so it holds both a global (0) and local (1, 2) attention layer")),
+        note="tiny: 3 layers, a global (0) and two local ones (1, 2), with a 16-token window, so the window "
+             "cuts into the short pairs tests use")),
     ("modernbert-cls", FamilyTwin(
         "ModernBertForSequenceClassification", ("jhu-clsp/ettin-encoder-150m rerankers", "ibm-granite/granite-embedding-reranker-english-r2"),
         "PreTrainedTokenizerFast (byte-level BPE): [CLS] A [SEP] B [SEP], no token_type_ids returned",
         full=dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
                   vocab_size=50368, initializer_range=0.05),
-        tiny=dict(_TINY, num_hidden_layers=3, vocab_size=1024, initializer_range=TINY_INIT),
+        tiny=dict(_TINY, num_hidden_layers=3, vocab_size=1024, initializer_range=TINY_INIT, local_attention=16),
         extra=dict(max_position_embeddings=8192, local_attention=128, global_attn_every_n_layers=3,
                    classifier_pooling="cls"))),
     ("deberta-v2", FamilyTwin(
@@ -145,7 +151,7 @@ FAMILY_TWINS: "OrderedDict[str, FamilyTwin]" = OrderedDict([
         "CrossEncoder 6 adds LogitScore(yes, no) and pads left",
         full=_QWEN3_06B, tiny=_QWEN3_TINY, full_dtype="bfloat16", extra=_QWEN3_EXTRA)),
     ("bert-dense", FamilyTwin(
-        "BertModel + Pooling(mean) + Dense(tanh) + Dense(-> scores)",
+        "BertModel",
         ("CrossEncoder saved by sentence-transformers 6 with a pooling and dense head after a feature-extraction "
          "Transformer",),
         "BertTokenizer (WordPiece, lowercase): [CLS] A [SEP] B [SEP], token types 0 then 1",
@@ -183,12 +189,16 @@ def _wordpiece_tokenizer(cls):
     from tokenizers import trainers
 
     backend = cls()._tokenizer  # the class's pipeline, to train the vocabulary through
+    # The trainer numbers "##x" pieces in hash-map order and breaks ties between equally frequent
+    # merges by those numbers: different vocabularies from run to run. Every character and its
+    # "##" form listed up front (ids in sorted order) makes the merges, and the twin, the same.
+    chars = sorted({c for text in _corpus() for c in backend.normalizer.normalize_str(text) if not c.isspace()})
     backend.train_from_iterator(_corpus(), trainer=trainers.WordPieceTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=_BERT_SPECIALS, show_progress=False))
-    vocab = backend.get_vocab()
-    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])[:5]] == _BERT_SPECIALS
-    # sorted by (id): the same file every build, whatever the trainer's hash-map order
-    return cls(vocab=dict(sorted(vocab.items(), key=lambda kv: kv[1])), model_max_length=512)
+        vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=_BERT_SPECIALS + chars + ["##" + c for c in chars],
+        show_progress=False))
+    vocab = dict(sorted(backend.get_vocab().items(), key=lambda kv: kv[1]))
+    assert list(vocab)[:5] == _BERT_SPECIALS
+    return cls(vocab=vocab, model_max_length=512)
 
 
 def _unigram_vocab(backend, specials: list[str], unk: str) -> list[tuple[str, float]]:
@@ -277,7 +287,6 @@ def _config(family: str, size: str, tokenizer, dtype):
     spec = FAMILY_TWINS[family]
     dims = {**spec.extra, **(spec.full if size == "full" else spec.tiny)}
     assert len(tokenizer) <= dims["vocab_size"], (len(tokenizer), dims["vocab_size"])
-    arch = "BertModel" if family == "bert-dense" else spec.architecture
     ids = dict(pad_token_id=tokenizer.pad_token_id)
     if family.startswith("modernbert"):
         ids.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
@@ -286,8 +295,8 @@ def _config(family: str, size: str, tokenizer, dtype):
         ids.update(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
     elif family == "roberta-8k":
         ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config_class = getattr(transformers, arch).config_class
-    return config_class(**dims, **ids, num_labels=1, architectures=[arch], dtype=dtype)
+    config_class = getattr(transformers, spec.architecture).config_class
+    return config_class(**dims, **ids, num_labels=1, architectures=[spec.architecture], dtype=dtype)
 
 
 def _seeded_model(config, seed: int, dtype):
@@ -323,6 +332,8 @@ def _save_dense_cross_encoder(path: str, model, tokenizer, seed: int) -> None:
     hidden, std = model.config.hidden_size, model.config.initializer_range
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
+        # Large enough that the tanh is neither flat nor saturated on mean-pooled states and the
+        # scores spread across inputs (std 2-3 on 16 pairs), like the backbone's initializer_range.
         dense = Dense(hidden, hidden, activation_function=torch.nn.Tanh(),
                       init_weight=torch.randn(hidden, hidden) * std * 4, init_bias=torch.zeros(hidden))
         score = Dense(hidden, 1, activation_function=None, init_weight=torch.randn(1, hidden),
@@ -330,9 +341,7 @@ def _save_dense_cross_encoder(path: str, model, tokenizer, seed: int) -> None:
     transformer = Transformer(backbone, transformer_task="feature-extraction", model_kwargs={"dtype": model.dtype})
     encoder = CrossEncoder(modules=[transformer, Pooling(hidden, "mean"), dense, score], device="cpu")
     encoder.save(path)
-    import shutil
-
-    shutil.rmtree(backbone)
+    shutil.rmtree(backbone)  # the Transformer module saved its own copy at the top level
 
 
 def build_family_twin(path, family: str, size: str = "tiny", seed: int = 0) -> str:

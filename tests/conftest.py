@@ -56,3 +56,33 @@ def tiny_cross_encoder(tiny_model_dir):
 
     return CrossEncoder(tiny_model_dir, device="cpu", local_files_only=True,
                         model_kwargs={"dtype": torch.float32})
+
+
+@pytest.fixture(scope="session")
+def family_twin_dir(model_cache):
+    """family -> directory of its tiny twin (twins.py), each built once per session.
+
+    Usage: `def test_x(family_twin_dir): path = family_twin_dir("bert")`."""
+    import models
+
+    def get(family: str) -> str:
+        return models.family_twin_dir(family, "tiny")
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_cross_encoder(family_twin_dir):
+    """family -> a plain CrossEncoder (fp32, CPU) on its tiny twin, loaded once per session."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    loaded = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = CrossEncoder(family_twin_dir(family), device="cpu", local_files_only=True,
+                                          model_kwargs={"dtype": torch.float32})
+        return loaded[family]
+
+    return get
