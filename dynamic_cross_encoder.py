@@ -3,15 +3,18 @@
 Two paths, same `predict` / `rank` API as CrossEncoder, scores in the caller's order:
 
 * padded (default): pairs sorted by token length, each batch padded to the next multiple of
-  `bucket_multiple` (16) and run through the transformers model's forward compiled by inductor.
-* packed (`packed=True`): no padding at all. The real tokens of a batch go in one `(T, hidden)`
-  tensor, attention is variable-length (cu_seqlens), token 0 of each sequence feeds the head.
-  Batches are cut by a token budget (`max_tokens_per_batch`, `batch_size` still a cap) and the
-  token count is padded to a multiple of 256 so the compiled graph sees few shapes.
+  `bucket_multiple` (16) and run through the transformers base model compiled by inductor.
+* packed (`packed=True`): no padding at all. The real tokens of a batch go in one `(1, T)` input to
+  the same transformers code, whose attention runs per sequence (cu_seqlens) through a function
+  registered in its AttentionInterface. Batches are cut by a token budget (`max_tokens_per_batch`,
+  `batch_size` still a cap) and the token count is padded to a multiple of 256 so the compiled graph
+  sees few shapes.
 
-Both tokenize a call in chunks at the tokenizer's own speed (pair_tokenizer.py), the next chunk in
-a worker thread while the current one is packed and launched. Batch layouts, attention backends
-and the packed forward live in packing.py. Both paths use the loaded model's own weights.
+Every reranker family (families/: BERT, XLM-R, ModernBERT, Qwen, causal yes/no LMs, ...) says which
+token its head reads and what the head is; both paths apply it to those rows only. Both tokenize a
+call in chunks at the tokenizer's own speed (pair_tokenizer.py), the next chunk in a worker thread
+while the current one is packed and launched. Batch layouts and attention backends live in
+packing.py. Both paths use the loaded model's own weights.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from sentence_transformers import CrossEncoder
 from tqdm.auto import tqdm
 
-from families import default_position_offset, family_of, uses_token_types
+from families import default_position_offset, family_of, packed_logits, padded_logits, uses_token_types
 from pair_tokenizer import PairTokenizer, Ragged, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
@@ -42,7 +45,6 @@ from packing import (
     is_cuda,
     pack_batch,
     plan_token_batches,
-    pool,
     position_limit,
     register_library_attention,
     token_buckets,
@@ -104,7 +106,8 @@ class DynamicCrossEncoder(CrossEncoder):
             on CPU. "reduce-overhead" / "max-autotune" capture CUDA graphs (one per batch shape).
         dynamic: torch.compile `dynamic`; default True (as the original): one graph serves every
             bucket. False compiles one graph per shape (see `warmup`).
-        packed: use the padding-free path (XLM-R / RoBERTa classifiers; others fall back with a warning).
+        packed: use the padding-free path (every family whose transformers code dispatches through the
+            attention interface; DeBERTa-v2 falls back to padded with a warning, `describe()` says why).
         max_tokens_per_batch: packed path token budget per batch; default 16384 on CUDA, 2048 on CPU.
         attention_backend: packed path backend name (packing.ATTENTION_BACKENDS); default: the fastest
             one for the device and dtype (`describe()` says which and why).
@@ -214,38 +217,21 @@ class DynamicCrossEncoder(CrossEncoder):
             if self.packed_reason:
                 path += f" (no packed path: {self.packed_reason})"
         dtype = str(self.model.dtype).removeprefix("torch.")
-        family = f"{self.family.name}, head reads the {self._pool.replace('_', '-')} token" + (
-            " (mean)" if self._pool == "mean" else "") + (", token types" if self._token_types else "")
-        family = family.replace("the mean token (mean)", "the mean of the tokens")
+        reads = {"first": "token 0", "last": "the last token", "last_non_pad": "the last non-pad token",
+                 "mean": "the mean of the tokens"}[self._pool]
+        family = f"{self.family.name}, head reads {reads}" + (", token types" if self._token_types else "")
         return f"DynamicCrossEncoder({family}; {path}; {how}; {dtype}; host: {self._pair_tokenizer().describe()})"
 
     # --- the compiled boundary: what it returns may live in CUDA-graph memory (see _run_batch) ----
 
-    def _padded_logits(self, input_ids, attention_mask, token_type_ids, index):
-        """(n, width) each, index (n,) -> (n, labels) float32: the family's base model with its own
-        attention and mask, then its head on the pooled rows."""
-        kw = {"token_type_ids": token_type_ids} if self._token_types else {}
-        hidden = self.family.base(self)(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
-        n, width = input_ids.shape
-        rows = torch.arange(n, device=input_ids.device)[:, None]
-        seq_ids = torch.where(attention_mask.bool(), rows, n).flatten()
-        pooled = pool(hidden.reshape(n * width, -1), self._pool, index, seq_ids, attention_mask.sum(1))
-        return self.family.head(self, pooled).float()
+    def _padded_logits(self, *args):
+        return padded_logits(self, self.family, self._pool, self._token_types, *args)
 
-    def _packed_logits(self, input_ids, positions, token_types, seq_ids, slots, cu_seqlens, index, width):
-        """The packed batch's views (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's
-        own code on a (1, tokens) input, attention through the registered packed function."""
+    def _packed_logits(self, *args):
         # varlen kernels size their grid by max_seqlen and leave rows past it unwritten; the pad
         # tail is shorter than TOKEN_MULTIPLE, so this bound covers it as well as every real pair.
         max_seqlen = max(self.max_seq_length, TOKEN_MULTIPLE)
-        kw = {"token_type_ids": token_types[None]} if self._token_types else {}
-        hidden = self.family.base(self)(
-            input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-            max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_width=width, **kw,
-        ).last_hidden_state[0]
-        seqs = index.shape[0]
-        pooled = pool(hidden, self._pool, index, seq_ids, cu_seqlens[1 : seqs + 1] - cu_seqlens[:seqs])
-        return self.family.head(self, pooled).float()
+        return packed_logits(self, self.family, self._pool, self._token_types, max_seqlen, *args)
 
     @contextlib.contextmanager
     def _attention_for(self, batch_is_packed: bool):

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 POOLS = ("first", "last", "last_non_pad", "mean")
 # transformers model types whose position ids start at padding_idx + 1 for every sequence
 ROBERTA_POSITION_TYPES = ("xlm-roberta", "roberta", "camembert", "xlm-roberta-xl")
@@ -104,3 +106,36 @@ def library_attention_reason(ce) -> str | None:
     if not getattr(base, "_supports_attention_backend", False):
         return f"{type(base).__name__} does not dispatch through transformers' attention interface"
     return None
+
+
+# ---- the compiled boundary: the library's base model, then the family's pooling and head ----------
+
+
+def padded_logits(ce, family: Family, kind: str, token_types: bool, input_ids, attention_mask, token_type_ids, index):
+    """(n, width) ids, mask, types; index (n,) -> (n, labels) float32: the base model with its own
+    attention and mask, then the family's head on the pooled rows."""
+    from packing import pool
+
+    kw = {"token_type_ids": token_type_ids} if token_types else {}
+    hidden = family.base(ce)(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+    n, width = input_ids.shape
+    rows = torch.arange(n, device=input_ids.device)[:, None]
+    seq_ids = torch.where(attention_mask.bool(), rows, n).flatten()
+    pooled = pool(hidden.reshape(n * width, -1), kind, index, seq_ids, attention_mask.sum(1))
+    return family.head(ce, pooled).float()
+
+
+def packed_logits(ce, family: Family, kind: str, token_types: bool, max_seqlen: int, input_ids, positions, types,
+                  seq_ids, slots, cu_seqlens, index, width):
+    """A packed batch's views (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's own
+    code on a (1, tokens) input, its attention through the registered packed function (packing.py)."""
+    from packing import pool
+
+    kw = {"token_type_ids": types[None]} if token_types else {}
+    hidden = family.base(ce)(
+        input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+        max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_width=width, **kw,
+    ).last_hidden_state[0]
+    seqs = index.shape[0]
+    pooled = pool(hidden, kind, index, seq_ids, cu_seqlens[1 : seqs + 1] - cu_seqlens[:seqs])
+    return family.head(ce, pooled).float()
