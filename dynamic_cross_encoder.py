@@ -325,8 +325,7 @@ class DynamicCrossEncoder(CrossEncoder):
         widths = list(range(bucket_length(self.max_seq_length, self.bucket_multiple), 0, -self.bucket_multiple))
         if self.graphs_per_shape:  # rows are padded to batch_size there, so the widths are every shape
             return [(batch_size, w) for w in widths]
-        # batch 1 and the narrowest width are specialized by the compiler, so warm them too
-        return [(batch_size, widths[0]), (batch_size, widths[-1]), (1, widths[-1])]
+        return [(batch_size, widths[0]), (batch_size, widths[-1])]  # no batch of 1: see _padded_batches
 
     def _graphs_needed(self, batch_size: int) -> int:
         """Static graphs: one per shape; dynamo's recompile limit is raised to exactly that many, so
@@ -413,8 +412,11 @@ class DynamicCrossEncoder(CrossEncoder):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 # per-shape graphs: a short last batch is filled up with copies of its own rows (their
-                # logits are dropped), so every batch has one of the shapes warmup() ran
-                part = ids.take(rows if not self.graphs_per_shape else np.resize(rows, batch_size))
+                # logits are dropped), so every batch has one of the shapes warmup() ran; a dynamic
+                # graph gets 2 rows at least, as dynamo specializes a size of 1 (a second compile),
+                # unless batch_size is 1 and every batch has that one shape
+                fill = batch_size if self.graphs_per_shape else max(len(rows), min(batch_size, 2) * self.compile_enabled)
+                part = ids.take(np.resize(rows, fill))
                 width = bucket_length(int(part.lengths.max()), self.bucket_multiple)
                 batch = PaddedBatch.build(part.flat, part.lengths, width=width, pad_id=pad_id, rows=len(rows), pin=pin)
                 timings.pack_s += time.perf_counter() - t

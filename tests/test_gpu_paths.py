@@ -236,6 +236,18 @@ def test_warmup_without_cuda_graphs_runs_each_shape_once(tiny_model_dir, monkeyp
     assert sorted(calls) == sorted(model._warmup_shapes(2))  # a static compile needs no second run
 
 
+
+def test_dynamic_padded_warmup_compiles_one_graph(tiny_model_dir, tiny_cross_encoder):
+    """A batch of one row is specialized by dynamo (sizes 0 and 1 always are), so it was a second graph
+    and a second compile in every warm-up; it gets a filler row instead."""
+    model = load(tiny_model_dir, compile=True, max_length=64)
+    model.warmup(batch_size=4)
+    assert model.compiles == 1
+    pairs = [["lorem ipsum", "dolor"]]
+    out = model.predict(pairs, activation_fn=IDENTITY)
+    assert model.compiles == 1 and model.last_timings.new_shapes == [("padded", 2, 16)]  # dynamic: no new graph
+    assert abs(out[0] - tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)[0]) <= 1e-5  # fp32, filler row dropped
+
 # ---- out of memory: the retry runs after the failed batch is freed -----------------------------
 
 
