@@ -80,6 +80,13 @@ def compile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def cudagraph_skips() -> int:
+    """Times inductor fell back from CUDA graphs so far in this process (it logs each reason)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 @dataclass
 class CallTimings:
     """What one `predict` call did (`last_timings`). forward_s is device time between CUDA events
@@ -114,8 +121,9 @@ class DynamicCrossEncoder(CrossEncoder):
         **kwargs: CrossEncoder arguments (device, max_length, model_kwargs, ...). dtype defaults to the
             model config's on CUDA (bf16 for jina) and float32 on CPU; override with model_kwargs={"dtype": ...}.
 
-    `predict` calls are serialized by a lock: one instance is safe to share between threads and each
-    caller gets its own scores; for parallel GPU work use one instance per device.
+    One instance is safe to share between threads: every call that runs the model is made by one
+    worker thread the instance owns (inductor's CUDA graphs are per thread), one call at a time, and
+    each caller gets its own scores or exception. For parallel GPU work use one instance per device.
     """
 
     def __init__(self, model_name_or_path: str, *, bucket_multiple: int = BUCKET_MULTIPLE, compile: bool = True,
@@ -146,11 +154,14 @@ class DynamicCrossEncoder(CrossEncoder):
         self.dynamic = True if dynamic is None else dynamic
         self.last_timings = CallTimings()
         self.compile_seconds = 0.0
-        self._lock = threading.RLock()
+        # the one thread that makes this instance's model calls (started on first use; see _on_owner)
+        self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}-model")
+        self._owner_ident: int | None = None
         self.compiles = 0  # graphs compiled by this instance's calls
         self._compiles_after_warmup: int | None = None
-        self._shapes_seen: set = set()
+        self._shape_runs: dict = {}  # batch shape -> times it ran (CUDA graphs record on the 2nd)
         self.unwarmed_shapes: list = []  # shapes met after warm-up that it did not run, in order
+        self._late_recordings: set = set()  # shapes whose CUDA graph is recorded inside a user's call
         self._warned = (0, 0)
         self._graph_limit = 8  # dynamo's default recompile limit
         self._pairs_tok: PairTokenizer | None = None
@@ -263,11 +274,7 @@ class DynamicCrossEncoder(CrossEncoder):
         pairs = validate_pairs([inputs] if single else inputs)
         if self.max_seq_length > self.position_limit:
             raise ValueError(f"max_length must be <= {self.position_limit} (the model's position limit), got {self.max_seq_length}")
-        with self._lock, torch.inference_mode():
-            if device is not None:
-                self.to(device)
-            logits = self._predict_logits(pairs, batch_size, bool(show_progress_bar))
-            scores = (activation_fn or self.activation_fn)(logits)
+        scores = self._on_owner(self._predict_scores, pairs, batch_size, bool(show_progress_bar), activation_fn, device)
         if self.num_labels == 1:
             scores = scores.squeeze(-1)
         elif apply_softmax:
@@ -279,24 +286,33 @@ class DynamicCrossEncoder(CrossEncoder):
         """Compile (and record) the shapes later calls will meet, largest first; returns the seconds.
 
         Dynamic graphs: the extremes of the buckets. Per-shape graphs (CUDA graphs, or dynamic=False):
-        every shape a call with this batch_size can meet. Then `pairs` once, if given. Shapes met
-        later that this did not run are listed in `unwarmed_shapes` and counted in `last_timings`;
-        where they cost a compile or a CUDA-graph recording, a warning says so.
+        every shape a call with this batch_size can meet; under CUDA graphs each runs twice, since
+        inductor records a shape on its second call (the first runs eagerly in the graph's pool).
+        Then `pairs` once, if given. Shapes met later that this did not run are listed in
+        `unwarmed_shapes` and counted in `last_timings`; where they cost a compile or a CUDA-graph
+        recording, a warning says so.
         """
         _check_int("batch_size", batch_size)
+        if pairs is not None:
+            validate_pairs(pairs)
+        return self._on_owner(self._warmup, pairs, batch_size, show_progress_bar)
+
+    def _warmup(self, pairs, batch_size: int, show_progress_bar: bool) -> float:
         start = time.perf_counter()
-        with self._lock, torch.inference_mode():
-            self._graph_limit = self._graphs_needed(batch_size)
-            self._dev, timings = self.device, CallTimings()
-            for shape in tqdm(self._warmup_shapes(batch_size), desc="Compiling buckets", disable=not show_progress_bar):
-                self._run_batch(self._dummy_batch(shape, batch_size), timings, [])
-            _sync(self.device)
+        self._graph_limit = self._graphs_needed(batch_size)
+        self._dev, timings = self.device, CallTimings()
+        runs = 2 if self.uses_cuda_graphs else 1
+        for shape in tqdm(self._warmup_shapes(batch_size), desc="Compiling buckets", disable=not show_progress_bar):
+            batch = self._dummy_batch(shape, batch_size)
+            for _ in range(runs):
+                self._run_batch(batch, timings, [])
+        _sync(self.device)
         if pairs is not None:
             self.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
         _sync(self.device)
         self.compile_seconds = time.perf_counter() - start
         self._compiles_after_warmup = self.compiles
-        self.unwarmed_shapes, self._warned = [], (0, 0)
+        self.unwarmed_shapes, self._late_recordings, self._warned = [], set(), (0, 0)
         return self.compile_seconds
 
     def host_seconds(self, pairs, batch_size: int = 32) -> float:
@@ -304,18 +320,41 @@ class DynamicCrossEncoder(CrossEncoder):
         to the device, restore the order. len(pairs) / this is the most pairs/s this process can feed
         the GPU, whatever the GPU's speed."""
         _check_int("batch_size", batch_size)
-        pairs = validate_pairs(pairs)
+        return self._on_owner(self._host_seconds, validate_pairs(pairs), batch_size)
+
+    def _host_seconds(self, pairs, batch_size: int) -> float:
         kept = self.last_timings
-        with self._lock, torch.inference_mode():
-            self._host_only = True
-            try:
-                _sync(self.device)
-                start = time.perf_counter()
-                self._predict_logits(pairs, batch_size, progress=False)
-                _sync(self.device)
-                return time.perf_counter() - start
-            finally:
-                self._host_only, self.last_timings = False, kept
+        self._host_only = True
+        try:
+            _sync(self.device)
+            start = time.perf_counter()
+            self._predict_logits(pairs, batch_size, progress=False)
+            _sync(self.device)
+            return time.perf_counter() - start
+        finally:
+            self._host_only, self.last_timings = False, kept
+
+    # --- the thread that owns the model calls ---------------------------------------------------
+
+    def _on_owner(self, fn, *args):
+        """fn(*args) under inference mode on the instance's own worker thread; the caller waits and
+        gets its result, or its exception unchanged. Inductor's CUDA-graph manager is thread-local
+        (torch/_inductor/cudagraph_trees.py): recording from a thread other than the one that compiled
+        fails an assertion on torch 2.11-2.12 (pytorch issue 123177) and starts a second tree on 2.13.
+        One worker also serializes the calls, so each sees the instance's state alone."""
+        if threading.get_ident() == self._owner_ident:  # warmup() calling predict()
+            return fn(*args)
+        return self._owner.submit(self._owned, fn, *args).result()
+
+    def _owned(self, fn, *args):
+        self._owner_ident = threading.get_ident()
+        with torch.inference_mode():
+            return fn(*args)
+
+    def _predict_scores(self, pairs, batch_size: int, progress: bool, activation_fn, device) -> torch.Tensor:
+        if device is not None:
+            self.to(device)
+        return (activation_fn or self.activation_fn)(self._predict_logits(pairs, batch_size, progress))
 
     def _warmup_shapes(self, batch_size: int) -> list:
         """Largest first: autotuning picks its kernels on the first shape it sees."""
@@ -325,8 +364,7 @@ class DynamicCrossEncoder(CrossEncoder):
         widths = list(range(bucket_length(self.max_seq_length, self.bucket_multiple), 0, -self.bucket_multiple))
         if self.graphs_per_shape:  # rows are padded to batch_size there, so the widths are every shape
             return [(batch_size, w) for w in widths]
-        # batch 1 and the narrowest width are specialized by the compiler, so warm them too
-        return [(batch_size, widths[0]), (batch_size, widths[-1]), (1, widths[-1])]
+        return [(batch_size, widths[0]), (batch_size, widths[-1])]  # no batch of 1: see _padded_batches
 
     def _graphs_needed(self, batch_size: int) -> int:
         """Static graphs: one per shape; dynamo's recompile limit is raised to exactly that many, so
@@ -424,8 +462,11 @@ class DynamicCrossEncoder(CrossEncoder):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 # per-shape graphs: a short last batch is filled up with copies of its own rows (their
-                # logits are dropped), so every batch has one of the shapes warmup() ran
-                part = ids.take(rows if not self.graphs_per_shape else np.resize(rows, batch_size))
+                # logits are dropped), so every batch has one of the shapes warmup() ran; a dynamic
+                # graph gets 2 rows at least, as dynamo specializes a size of 1 (a second compile),
+                # unless batch_size is 1 and every batch has that one shape
+                fill = batch_size if self.graphs_per_shape else max(len(rows), min(batch_size, 2) * self.compile_enabled)
+                part = ids.take(np.resize(rows, fill))
                 width = bucket_length(int(part.lengths.max()), self.bucket_multiple)
                 batch = self._pad(part.flat, part.lengths, part.types, width=width, rows=len(rows), pin=pin)
                 timings.pack_s += time.perf_counter() - t
@@ -452,13 +493,16 @@ class DynamicCrossEncoder(CrossEncoder):
         try:
             return self._run_batch(batch, timings, events)
         except torch.OutOfMemoryError:
-            if self._dev.type == "cuda":
-                torch.cuda.empty_cache()
             halves = batch.split(self._pad_id)
             if halves is None:
                 raise
-            warnings.warn(f"out of memory on a batch of {batch.num_seqs} pairs; split in two and retried", stacklevel=2)
-            return torch.cat([self._run_with_retry(h, timings, events) for h in halves])
+        # Retried out here: inside the except block the traceback keeps every frame of the failed
+        # attempt alive (its device copies, the activations allocated before the failure), so the
+        # cache could free none of it and the halves would compete with it (pytorch issue 18853).
+        if self._dev.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(f"out of memory on a batch of {batch.num_seqs} pairs; split in two and retried", stacklevel=2)
+        return torch.cat([self._run_with_retry(h, timings, events) for h in halves])
 
     def _run_batch(self, batch, timings: CallTimings, events: list) -> torch.Tensor:
         """One launch -> logits (num_seqs, labels) on the device, in memory this call owns."""
@@ -466,8 +510,7 @@ class DynamicCrossEncoder(CrossEncoder):
         before = compile_count()
         cuda = self._dev.type == "cuda"
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start = _timing_event(self._dev)
         t = time.perf_counter()
         if self._host_only:  # host_seconds(): everything but the forward
             out = torch.zeros(batch.num_seqs, self.num_labels, device=self._dev)
@@ -479,11 +522,10 @@ class DynamicCrossEncoder(CrossEncoder):
         # the compiled function lives in the graph's memory pool too).
         logits = out[: batch.num_seqs].clone()
         if cuda:
-            end.record()
-            events.append((start, end))
+            events.append((start, _timing_event(self._dev)))
         else:
             timings.forward_s += time.perf_counter() - t
-        self.compiles += compile_count() - before  # under our lock: other instances do not count
+        self.compiles += compile_count() - before  # a process-wide counter: a concurrent instance would count too
         if not self._host_only:
             self._note_shape(batch.shape_key, timings)
         timings.real_tokens += batch.real_tokens
@@ -497,24 +539,29 @@ class DynamicCrossEncoder(CrossEncoder):
         return torch._dynamo.config.patch(recompile_limit=self._graph_limit)
 
     def _note_shape(self, key, timings: CallTimings):
-        if key in self._shapes_seen:
+        runs = self._shape_runs.get(key, 0)
+        self._shape_runs[key] = runs + 1
+        if self._compiles_after_warmup is None:
             return
-        self._shapes_seen.add(key)
-        if self._compiles_after_warmup is not None:
+        if runs == 0:
             timings.new_shapes.append(key)
             self.unwarmed_shapes.append(key)
+        if runs < 2 and self.uses_cuda_graphs:  # not recorded yet: it is, in this call or the next
+            self._late_recordings.add(key)
 
     def _warn_new_graphs(self):
         """A compile or a CUDA-graph recording after warm-up runs inside a user's call: say so, once per
-        new graph. Dynamo's counter does not see CUDA-graph recordings, so new shapes count them."""
+        new graph. Dynamo's counter does not see CUDA-graph recordings, so shapes that had not run
+        twice (see `_note_shape`) count them."""
         if self._compiles_after_warmup is None or not self.compile_enabled:
             return
         compiles = self.compiles - self._compiles_after_warmup
-        recordings = len(self.unwarmed_shapes) if self.uses_cuda_graphs else 0
+        recordings = len(self._late_recordings)
         if compiles > self._warned[0] or recordings > self._warned[1]:
             self._warned = (compiles, recordings)
+            shapes = self.unwarmed_shapes + [k for k in self._late_recordings if k not in self.unwarmed_shapes]
             warnings.warn(f"{compiles} graph compile(s) after warm-up and {recordings} CUDA-graph recording(s) "
-                          f"(expected 0): shapes the warm-up did not run: {self.unwarmed_shapes[:8]}", stacklevel=5)
+                          f"(expected 0): shapes the warm-up did not run or record: {shapes[:8]}", stacklevel=5)
 
 
 def _own_code(method):
@@ -548,6 +595,14 @@ def checkpoint_dir(name: str, *, local_files_only: bool = False) -> str:
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _timing_event(device: torch.device):
+    """A CUDA event recorded now on `device`'s stream: Event.record() alone records on the current
+    device's stream (torch/cuda/streams.py), which on another device times nothing."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _sync(device: torch.device) -> None:

@@ -330,9 +330,34 @@ def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, s
 def _attn_nested(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
     if window is not None:
         raise ValueError("sdpa_nested has no sliding window; use sdpa_padded")
-    offsets = cu.to(torch.int64)
-    nt = [torch.nested.nested_tensor_from_jagged(x, offsets).transpose(1, 2) for x in (q, k, v)]
-    return F.scaled_dot_product_attention(*nt, scale=scale, is_causal=causal).transpose(1, 2).values()
+    # Nested tensors built with their length bounds and no empty sequence: without the bounds SDPA
+    # computes them with .item() (a host sync per layer eager, a graph break compiled), and an empty
+    # sequence sends it to the math kernel on CUDA (torch/nested/_internal/sdpa.py).
+    offsets, rows, back = _nonempty_layout(cu, q.shape[0])
+    slots = cu.shape[0] - 1
+    bound = torch.sym_max(max_seqlen, slots + 1)  # the last sequence holds up to slots + 1 zero rows
+    nt = [torch.nested.nested_tensor_from_jagged(torch.cat([x, x.new_zeros(1, *x.shape[1:])])[rows], offsets,
+                                                 min_seqlen=1, max_seqlen=bound).transpose(1, 2) for x in (q, k, v)]
+    return F.scaled_dot_product_attention(*nt, scale=scale, is_causal=causal).transpose(1, 2).values()[back]
+
+
+def _nonempty_layout(cu: torch.Tensor, tokens: int):
+    """A layout of the same tokens in which no sequence is empty, with shapes fixed by the input's.
+
+    cu: (slots + 1,) from 0 to tokens -> offsets (slots + 2,) int64, rows (tokens + slots + 1,) and
+    back (tokens,). Each empty slot gets one zero row; one last sequence takes the zero rows left over
+    (at least one). rows: the row of [x; zero row] at each layout row (tokens = the zero row); back:
+    the layout row of each token. A zero row attends to zero rows only, so the tokens' results are
+    those of their own sequence.
+    """
+    cu = cu.to(torch.int64)
+    empty_before = F.pad(torch.cumsum(cu[1:] == cu[:-1], 0), (1, 0))  # (slots + 1,)
+    token = torch.arange(tokens, device=cu.device)
+    back = token + empty_before[torch.searchsorted(cu[1:], token, right=True)]
+    total = tokens + cu.shape[0]
+    rows = torch.full((total,), tokens, dtype=torch.int64, device=cu.device).index_put((back,), token)
+    offsets = torch.cat([cu + empty_before, cu.new_full((1,), total)])
+    return offsets, rows, back
 
 
 def _band(length: int, device, causal: bool, window: int | None) -> torch.Tensor | None:

@@ -61,3 +61,18 @@ def spy_logits(model, monkeypatch, before=None):
 
     monkeypatch.setattr(model, "_logits", spy)
     return calls
+
+
+def cuda_default_problems(skips_before: int, got, ref, tol: float) -> list[str]:
+    """What is wrong with a run that must replay CUDA graphs: inductor skipped graphs since
+    `skips_before` (dynamo's counter, see dynamic_cross_encoder.cudagraph_skips), or the scores moved
+    from the eager reference by more than `tol`. Empty when the run is sound."""
+    from dynamic_cross_encoder import cudagraph_skips
+
+    problems = []
+    if (skips := cudagraph_skips() - skips_before) > 0:
+        problems.append(f"inductor skipped CUDA graphs {skips} time(s)")
+    diff = float(np.abs(np.asarray(got, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).max())
+    if not diff <= tol:  # NaN fails too
+        problems.append(f"scores moved from eager: max |diff| {diff:.1e} > {tol:.1e}")
+    return problems

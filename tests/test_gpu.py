@@ -5,7 +5,8 @@ fraction of the logit scale, so an optimized bf16 path must stay within 2x the b
 error against the fp32 reference (plus 1e-3 for summation order), never a fixed loose bound.
 
 `-k preflight` selects the two checks gpu_check.sh runs first, in seconds: a compiled varlen call and
-a CUDA-graph replay whose first output must survive the second.
+a CUDA-graph replay whose first output must survive the second. `-k "cuda_default and bf16"` is its
+next step: the class's CUDA default configuration, which must really replay CUDA graphs.
 """
 
 import numpy as np
@@ -14,9 +15,9 @@ import torch
 
 import data
 import packing
-from dynamic_cross_encoder import DynamicCrossEncoder, compile_count
+from dynamic_cross_encoder import DynamicCrossEncoder, compile_count, cudagraph_skips
 
-from helpers import IDENTITY, reference_attention
+from helpers import IDENTITY, cuda_default_problems, reference_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_BACKENDS = [n for n, _ in packing.attention_backends("cuda", torch.bfloat16) if n in ("flash_attn", "varlen_attn")]
@@ -62,6 +63,26 @@ def test_preflight_cuda_graph_replay_keeps_the_first_output(tiny_model_dir):
     ref = eager.predict(pairs, batch_size=3)
     assert abs(ref[0] - ref[-1]) > 0.1, "the two batches must score differently for this check to mean anything"
     np.testing.assert_allclose(got, ref, atol=2e-2)  # bf16, same weights: rounding only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_default_configuration_replays_cuda_graphs(tiny_model_dir, dtype):
+    """The class's CUDA defaults (max-autotune, CUDA graphs, packed with the default backend: varlen in
+    bf16, nested SDPA in fp32): inductor must not skip graphs, and the scores must be eager's."""
+    kwargs = dict(device="cuda", packed=True, model_kwargs={"dtype": dtype}, activation_fn=IDENTITY,
+                  max_tokens_per_batch=1024)  # 4 token buckets instead of 64: a short warm-up
+    model = DynamicCrossEncoder(tiny_model_dir, **kwargs)
+    assert model.compile_mode == "max-autotune" and model.uses_cuda_graphs, model.describe()
+    pairs = data.load_pairs(40, seed=11) + [["", ""]]
+    before = cudagraph_skips()
+    model.warmup(batch_size=8)
+    got = model.predict(pairs, batch_size=8)
+    again = model.predict(pairs, batch_size=8)  # replays only: a kept output overwritten would show here
+    assert model.last_timings.new_shapes == []
+    ref = DynamicCrossEncoder(tiny_model_dir, compile=False, **kwargs).predict(pairs, batch_size=8)
+    # bf16, same weights: kernel choice and rounding only (as the preflight); fp32: summation order
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert cuda_default_problems(before, got, ref, tol) + cuda_default_problems(before, again, ref, tol) == []
 
 
 @pytest.fixture(scope="module")

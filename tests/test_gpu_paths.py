@@ -1,25 +1,33 @@
 """The GPU-only behaviours, emulated on the CPU so a defect there fails here first.
 
 * CUDA graphs: a replay writes its outputs into the same memory every time; scores of earlier
-  batches must be copied out before the next launch.
+  batches must be copied out before the next launch. Inductor's graph manager is thread-local
+  (torch/_inductor/cudagraph_trees.py), so every compiled call of an instance runs on one thread;
+  a shape is recorded on its second call, so warm-up runs each shape twice.
 * The attention backend for a CUDA device is a pure function of device type and dtype.
 * torch's `varlen_attn` (CUDA only) is a custom op; a CPU kernel registered for it runs the packed
-  path's real call (signature, keywords, compiled with dynamic shapes) against the baseline.
+  path's real call (signature, keywords, compiled with dynamic shapes) against the baseline. Nested
+  tensors through SDPA pick their kernel as on CUDA, with the memory-efficient kernel run on the CPU.
 * Shapes met after warm-up, which under CUDA graphs each cost a recording inside a user's call.
+* Out-of-memory recovery frees the failed batch before retrying; timing events go on the
+  instance's device stream.
 """
 
+import threading
 import warnings
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
+import dynamic_cross_encoder
 import packing
 from dynamic_cross_encoder import DynamicCrossEncoder, compile_count, uses_cuda_graphs
 from packing import attention_backends, choose_attention_backend
 
-from helpers import IDENTITY, assert_same_logits, workload
+from helpers import IDENTITY, assert_same_logits, cuda_default_problems, reference_attention, workload
 
 
 def load(path, **kwargs):
@@ -193,30 +201,232 @@ def test_static_graphs_past_dynamos_recompile_limit_stay_compiled(tiny_model_dir
     assert model.compiles == len(shapes)
 
 
-# ---- the GPU script, dry run ------------------------------------------------------------------
+def test_cuda_graph_warmup_runs_each_shape_twice(graphs_model, monkeypatch):
+    """cudagraph trees run a new shape eagerly in the graph pool first and record it on its second call
+    (CUDAGraphTreeManager._run: run_eager until the function is warmed up, then record_function)."""
+    runs = {}
+    original = graphs_model._logits
+
+    def count(*args):
+        runs[tuple(args[0].shape)] = runs.get(tuple(args[0].shape), 0) + 1
+        return original(*args)
+
+    monkeypatch.setattr(graphs_model, "_logits", count)
+    graphs_model.warmup(batch_size=4)
+    assert runs == {shape: 2 for shape in graphs_model._warmup_shapes(4)}
 
 
-def test_gpu_check_needs_an_output_folder():
-    import subprocess
+def test_cuda_graph_recordings_are_counted_not_shapes(graphs_model):
+    # a shape run once before warm-up was never recorded: its recording comes in the next call
+    graphs_model.predict([["lorem", "ipsum"]] * 2, batch_size=2)
+    graphs_model.warmup(batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warm shapes: 0 recordings, no warning
+        graphs_model.predict([["lorem", "ipsum"]] * 4, batch_size=4)
+    with pytest.warns(UserWarning, match=r"0 graph compile\(s\) after warm-up and 1 CUDA-graph recording\(s\)"):
+        graphs_model.predict([["lorem", "ipsum"]] * 2, batch_size=2)
 
-    done = subprocess.run(["bash", "gpu_check.sh"], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and "usage: bash gpu_check.sh OUT_DIR" in done.stderr
+
+def test_warmup_without_cuda_graphs_runs_each_shape_once(tiny_model_dir, monkeypatch):
+    model = load(tiny_model_dir, compile=True, dynamic=False, max_length=32)
+    calls = []
+    original = model._logits
+    monkeypatch.setattr(model, "_logits", lambda *args: calls.append(tuple(args[0].shape)) or original(*args))
+    model.warmup(batch_size=2)
+    assert sorted(calls) == sorted(model._warmup_shapes(2))  # a static compile needs no second run
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
-def test_gpu_check_dry_run_writes_every_step(tmp_path, tiny_model_dir):
-    import json
-    import subprocess
 
-    out = tmp_path / "out"
-    done = subprocess.run(["bash", "gpu_check.sh", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "dry run: skipping the preflight and the GPU tests (no CUDA)" in done.stdout
-    assert "no CUDA device: dry run" in (out / "machine.txt").read_text()
-    steps = (out / "steps.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in steps] == ["== combined-pairs", "== combined-rerank"]
-    assert all(": exit 0 after" in line for line in steps)
-    for name in ("combined-pairs", "combined-rerank"):
-        report = json.loads((out / f"{name}.json").read_text())
-        assert report["complete"] and len(report["setups"]) == 3
-        assert "| DynamicCrossEncoder packed |" in (out / f"{name}.txt").read_text()  # the markdown table
+def test_dynamic_padded_warmup_compiles_one_graph(tiny_model_dir, tiny_cross_encoder):
+    """A batch of one row is specialized by dynamo (sizes 0 and 1 always are), so it was a second graph
+    and a second compile in every warm-up; it gets a filler row instead."""
+    model = load(tiny_model_dir, compile=True, max_length=64)
+    model.warmup(batch_size=4)
+    assert model.compiles == 1
+    pairs = [["lorem ipsum", "dolor"]]
+    out = model.predict(pairs, activation_fn=IDENTITY)
+    assert model.compiles == 1 and model.last_timings.new_shapes == [("padded", 2, 16)]  # dynamic: no new graph
+    assert abs(out[0] - tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY)[0]) <= 1e-5  # fp32, filler row dropped
+
+# ---- out of memory: the retry runs after the failed batch is freed -----------------------------
+
+
+def test_out_of_memory_retry_runs_after_the_failed_batch_is_freed(tiny_model_dir, reference, monkeypatch):
+    """pytorch issue 18853: inside `except`, the traceback keeps the failed attempt's frames (and their
+    tensors) alive, so a retry there competes with the batch that failed."""
+    model = load(tiny_model_dir, compile=False)
+    pairs, ref = reference
+    original, failed, alive_at_retry = model._logits, [], []
+
+    def forward(*args):
+        if not failed:  # the first batch runs out of memory after allocating its activations
+            activations = torch.empty(1 << 16)
+            failed.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (emulated)")
+        if not alive_at_retry:
+            alive_at_retry.append(failed[0]() is not None)
+        return original(*args)
+
+    monkeypatch.setattr(model, "_logits", forward)
+    with pytest.warns(UserWarning, match="out of memory on a batch of 8 pairs"):
+        out = model.predict(pairs, activation_fn=IDENTITY, batch_size=8)
+    assert alive_at_retry == [False], "the failed batch's tensors were alive when the retry ran"
+    assert_same_logits(out, ref)  # every pair, in the caller's order
+
+
+# ---- one thread owns every compiled call of an instance ----------------------------------------
+
+
+def test_every_compiled_call_runs_on_one_thread(tiny_model_dir, tiny_cross_encoder, monkeypatch):
+    model = load(tiny_model_dir, compile=False)
+    original, threads = model._logits, set()
+
+    def record(*args):
+        threads.add(threading.get_ident())
+        return original(*args)
+
+    monkeypatch.setattr(model, "_logits", record)
+    model.warmup(batch_size=4)  # from this thread
+    inputs = [data.load_pairs(5 + 3 * t, seed=200 + t, min_sentences=1, max_sentences=8) for t in range(4)]
+    refs = [tiny_cross_encoder.predict(p, activation_fn=IDENTITY) for p in inputs]
+    results, callers, errors = {}, set(), []
+    start = threading.Barrier(4)
+
+    def work(t):
+        try:
+            callers.add(threading.get_ident())
+            start.wait()
+            results[t] = model.predict(inputs[t], activation_fn=IDENTITY, batch_size=4)
+            assert model.host_seconds(inputs[t], batch_size=4) > 0
+        except Exception as e:  # surfaced below; an exception in a thread would otherwise be lost
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join()
+    assert not errors
+    assert len(threads) == 1 and not threads & (callers | {threading.get_ident()}), threads
+    for t in range(4):
+        assert_same_logits(results[t], refs[t])
+
+
+def test_errors_reach_the_caller_unchanged(tiny_model_dir, monkeypatch):
+    model = load(tiny_model_dir, compile=False)
+    error = KeyError("raised inside the forward")
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(model, "_logits", fail)
+    with pytest.raises(KeyError) as raised:
+        model.predict([["lorem", "ipsum"]])
+    assert raised.value is error
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        model.predict([["lorem", "ipsum"]], batch_size=0)
+
+
+# ---- nested tensors through SDPA: known lengths, no empty sequence ----------------------------
+
+
+def test_nested_attention_passes_its_length_bounds_and_no_empty_sequence(monkeypatch):
+    built, original = [], torch.nested.nested_tensor_from_jagged
+
+    def spy(values, offsets, *args, **kwargs):
+        built.append((offsets, kwargs))
+        return original(values, offsets, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nested, "nested_tensor_from_jagged", spy)
+    cu = torch.tensor([0, 7, 7, 8, 20, 20, 23, 40, 40, 40], dtype=torch.int32)  # empty slots inside and at the end
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 2, 8, generator=gen) for _ in range(3))
+    out = packing.ATTENTION_BACKENDS["sdpa_nested"](q, k, v, cu, 17, 0.3)
+    torch.testing.assert_close(out, reference_attention(q, k, v, cu, 0.3), rtol=0, atol=1e-5)
+    assert len(built) == 3
+    for offsets, kwargs in built:
+        lengths = offsets.diff()
+        # SDPA reads these instead of computing them with .item(); a zero-length sequence sends it to math
+        assert lengths.min() >= kwargs.get("min_seqlen", 0) >= 1
+        assert lengths.max() <= kwargs.get("max_seqlen", 0)
+
+
+def _efficient_attention_cpu(query, key, value, bias, cu_q, cu_k, max_q, max_k, dropout_p, custom_mask_type,
+                             compute_log_sumexp=False, *, scale=None, seqlen_k=None, window_size=None):
+    """aten::_efficient_attention_forward on the CPU: (1, tokens, heads, dim), per-sequence SDPA."""
+    out = torch.zeros_like(query[0])
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        if b > a:
+            seg = [x[0, a:b].transpose(0, 1) for x in (query, key, value)]
+            out[a:b] = F.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
+    none = torch.empty((), dtype=torch.int64)
+    return out.unsqueeze(0), torch.empty(0), none, none.clone(), max_q, max_k
+
+
+@pytest.fixture
+def nested_sdpa_as_on_cuda(monkeypatch):
+    """SDPA on nested tensors picks its kernel as for fp32 on a CUDA device (torch/nested/_internal/sdpa.py:
+    memory-efficient unless a sequence is empty, then math), and the efficient kernel runs on the CPU."""
+    import torch.nested._internal.sdpa as nested_sdpa
+
+    monkeypatch.setattr(nested_sdpa, "can_use_efficient_attention", lambda params, debug=False: True)
+    monkeypatch.setattr(nested_sdpa, "can_use_flash_attention", lambda params, debug=False: False)  # fp32
+    monkeypatch.setattr(nested_sdpa, "can_use_cudnn_attention", lambda params, debug=False: False)
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_efficient_attention_forward", _efficient_attention_cpu, "CPU")
+    yield
+    lib._destroy()
+
+
+def test_compiled_nested_attention_is_one_graph(nested_sdpa_as_on_cuda, tiny_model_dir, reference):
+    from torch._dynamo.utils import counters
+
+    model = load(tiny_model_dir, compile=True, packed=True, attention_backend="sdpa_nested", max_tokens_per_batch=512)
+    pairs, ref = reference
+    graphs, breaks = compile_count(), sum(counters["graph_break"].values())
+    model.warmup(batch_size=8)
+    out = model.predict(pairs, activation_fn=IDENTITY, batch_size=8)
+    # the lengths came from .item() before: a graph break per layer, and a sync per layer eager
+    assert (compile_count() - graphs, sum(counters["graph_break"].values()) - breaks) == (1, 0)
+    assert_same_logits(out, ref)  # fp32, same weights
+
+
+# ---- timing events on the instance's device -----------------------------------------------------
+
+
+def test_timing_events_record_on_the_instance_devices_stream(tiny_model_dir, monkeypatch):
+    """torch.cuda.Event.record() without a stream uses the current device's (torch/cuda/streams.py):
+    for cuda:1 that measures nothing."""
+    recorded = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", torch.device(device)))
+    model = load(tiny_model_dir, compile=False)
+    batch = model._dummy_batch((2, 16), 2)
+    monkeypatch.setattr(type(batch), "device_args", lambda self, device: (self.buffer[0], self.buffer[1]))
+    model._dev = torch.device("cuda:1")  # the tensors stay on the CPU; only the events see the device
+    events = []
+    model._run_batch(batch, dynamic_cross_encoder.CallTimings(), events)
+    assert len(events) == 1 and recorded == [("stream of", torch.device("cuda:1"))] * 2
+
+
+# ---- the CUDA default configuration: the check gpu_check.sh runs on the GPU --------------------
+
+
+def test_cuda_default_check_fails_on_skipped_graphs_or_moved_scores(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    ref = [0.5, -1.0, 2.0]
+    before = dynamic_cross_encoder.cudagraph_skips()
+    assert cuda_default_problems(before, [0.5, -1.0, 2.001], ref, tol=2e-3) == []
+    assert cuda_default_problems(before, [0.5, -1.0, 2.01], ref, tol=2e-3) == [
+        "scores moved from eager: max |diff| 1.0e-02 > 2.0e-03"]
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", before + 1)  # what a skip bumps
+    assert cuda_default_problems(before, ref, ref, tol=2e-3) == ["inductor skipped CUDA graphs 1 time(s)"]

@@ -324,3 +324,57 @@ def test_pip_install_provides_the_flat_modules(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert all(path.startswith(str(target)) for path in json.loads(out.stdout.splitlines()[-1]))
+
+
+# ---------------------------------------------------------------- gpu_check.sh, dry runs
+
+
+def run_gpu_check(out, **env):
+    return subprocess.run(["bash", "gpu_check.sh", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def step_exits(log: str) -> dict:
+    return {name: int(rc) for name, rc in re.findall(r"^== (\S+): exit (\d+) after \d+ s$", log, re.M)}
+
+
+def test_gpu_check_needs_an_output_folder():
+    done = subprocess.run(["bash", "gpu_check.sh"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2 and "usage: bash gpu_check.sh OUT_DIR" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
+def test_gpu_check_dry_run_writes_every_step(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    done = run_gpu_check(out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "dry run: skipping the preflight and the GPU tests (no CUDA)" in done.stdout
+    log = (out / "log.txt").read_text()
+    assert "no CUDA device: dry run" in log
+    assert step_exits(log) == {"combined-pairs": 0, "combined-rerank": 0}
+    for name in ("combined-pairs", "combined-rerank"):
+        report = json.loads((out / f"{name}.json").read_text())
+        assert report["complete"] and len(report["setups"]) == 3
+    assert log.count("| DynamicCrossEncoder packed |") == 2  # each step's markdown table
+
+
+def test_gpu_check_cuda_branch_fits_a_lent_machine(tmp_path, tiny_model_dir):
+    """A lent GPU machine returns at most 8 files, 2 folders deep, from a call of at most 600 s on a
+    15-minute lease: the CUDA branch, dry-run on the CPU, must stay within 8 files and 420 s of limits."""
+    out = tmp_path / "out"
+    done = run_gpu_check(out, GPU_CHECK_FAKE_CUDA="1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    assert "fake CUDA" in log
+    limits = {name: int(s) for name, s in re.findall(r"^== (\S+) \(limit (\d+) s\)$", log, re.M)}
+    steps = ["build", "preflight", "cuda-default", "combined-pairs", "gpu-tests", "combined-rerank"]
+    assert list(limits) == steps and sum(limits.values()) <= 420, limits
+    assert step_exits(log) == dict.fromkeys(steps, 0)
+    # each pytest step selected its tests (they skip without CUDA): none ran the preflight twice
+    sections = dict(zip(steps, re.split(r"^== \S+ \(limit \d+ s\)$", log, flags=re.M)[1:]))
+    assert re.search(r"^2 skipped, \d+ deselected", sections["preflight"], re.M)
+    assert re.search(r"^1 skipped, \d+ deselected", sections["cuda-default"], re.M)
+    assert "preflight" not in sections["gpu-tests"] and re.search(r"^\d+ skipped, 3 deselected", sections["gpu-tests"], re.M)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(p.parent == out for p in files), files
+    assert {p.name for p in files} >= {"log.txt", "combined-pairs.json", "combined-rerank.json"}
