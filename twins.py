@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TWIN_FORMAT = 5  # bump when a family twin's recipe changes, so cached twins rebuild
+TWIN_FORMAT = 6  # bump when a family twin's recipe changes, so cached twins rebuild
 TOKENIZER_VOCAB_SIZE = 400  # trained pieces: lorem-ipsum words split ~1.4 pieces per word
 # Tiny twins: 2 layers, hidden 64, fp32. Their initializer ranges (and the full ones) are
 # larger than the trained models' 0.02 so that logits vary across inputs (see models.SIZES):
@@ -336,7 +336,9 @@ def _save_dense_cross_encoder(path: str, model, tokenizer, seed: int) -> None:
         # scores spread across inputs (std 2-3 on 16 pairs), like the backbone's initializer_range.
         dense = Dense(hidden, hidden, activation_function=torch.nn.Tanh(),
                       init_weight=torch.randn(hidden, hidden) * std * 4, init_bias=torch.zeros(hidden))
-        score = Dense(hidden, 1, activation_function=None, init_weight=torch.randn(1, hidden),
+        # scaled by 2 / sqrt(hidden): scores of std ~1 across inputs; a unit scale gave logits up to 8,
+        # where fp32 rounding in CrossEncoder itself nears 1e-5
+        score = Dense(hidden, 1, activation_function=None, init_weight=torch.randn(1, hidden) * 2 * hidden**-0.5,
                       init_bias=torch.zeros(1), module_output_name="scores")
     transformer = Transformer(backbone, transformer_task="feature-extraction", model_kwargs={"dtype": model.dtype})
     encoder = CrossEncoder(modules=[transformer, Pooling(hidden, "mean"), dense, score], device="cpu")

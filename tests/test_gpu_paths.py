@@ -50,7 +50,7 @@ def replay_like_cuda_graphs(model, monkeypatch):
 
     def replay(*args):
         out = original(*args)
-        key = tuple(a.shape for a in args)
+        key = tuple(getattr(a, "shape", a) for a in args)  # the packed grid width is an int
         buffer = static.setdefault(key, torch.empty_like(out))
         buffer.copy_(out)
         return buffer
@@ -91,9 +91,12 @@ def test_cuda_half_precision_gets_a_varlen_kernel(dtype, monkeypatch):
 
 
 def test_cpu_backends_and_describe_say_why(tiny_model_dir):
-    assert [n for n, _ in attention_backends("cpu", torch.bfloat16)] == ["sdpa_block_diagonal", "sdpa_nested"]
+    assert [n for n, _ in attention_backends("cpu", torch.bfloat16)] == ["sdpa_padded", "sdpa_block_diagonal", "sdpa_nested"]
+    # ModernBERT's local layers: nested tensors cannot take a window, so they are not offered
+    assert [n for n, _ in attention_backends("cpu", torch.bfloat16, window=True)] == ["sdpa_padded", "sdpa_block_diagonal"]
+    assert [n for n, _ in attention_backends("cuda", torch.float32, window=True)] == ["sdpa_padded", "sdpa_block_diagonal"]
     model = load(tiny_model_dir, compile=False, packed=True)
-    assert "sdpa_block_diagonal (CPU: fastest at small token budgets)" in model.describe()
+    assert "sdpa_padded (CPU: per-sequence grid, GEMMs packed)" in model.describe()
 
 
 def test_cuda_graph_modes_are_named():
@@ -147,7 +150,7 @@ def varlen_on_cpu():
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled-dynamic"])
 def test_packed_path_through_the_real_varlen_attn(compile, varlen_on_cpu, tiny_model_dir, reference):
     model = load(tiny_model_dir, compile=compile, packed=True, max_tokens_per_batch=512)
-    model.attention_backend, model._attention = "varlen_attn", packing.ATTENTION_BACKENDS["varlen_attn"]
+    model.attention_backend = "varlen_attn"  # the registered fast_rerank_varlen_attn runs the packed calls
     pairs, ref = reference
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
     if compile:
@@ -410,7 +413,7 @@ def test_timing_events_record_on_the_instance_devices_stream(tiny_model_dir, mon
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", torch.device(device)))
     model = load(tiny_model_dir, compile=False)
     batch = model._dummy_batch((2, 16), 2)
-    monkeypatch.setattr(type(batch), "device_args", lambda self, device: (self.buffer[0], self.buffer[1]))
+    monkeypatch.setattr(type(batch), "device_args", lambda self, device: self.views())
     model._dev = torch.device("cuda:1")  # the tensors stay on the CPU; only the events see the device
     events = []
     model._run_batch(batch, dynamic_cross_encoder.CallTimings(), events)
