@@ -62,7 +62,7 @@ class ServeConfig:
     max_request_bytes: int = 2_000_000
     max_queue: int = 16384
     api_key: str | None = None
-    eager: bool = False
+    no_compile: bool = False
     threads: int = 0
     log_level: str = "info"
 
@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
         help="pairs admitted and not yet scored; past it requests get 503 with Retry-After (default: 16384)")
     add("--api-key", default=os.environ.get("RERANK_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every route but /health (default: $RERANK_API_KEY, else off)")
-    add("--eager", action="store_true", help="do not compile the model (starts in seconds; slower per batch)")
+    add("--no-compile", action="store_true", help="run the model eager: starts in seconds, slower per batch")
     add("--threads", type=int, default=0,
         help="torch CPU threads (default: 0, torch's choice; 1 helps on a CPU shared with other processes)")
     add("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="log level")
@@ -239,7 +239,7 @@ class Service:
 
         b = self.cfg.bench
         start = time.perf_counter()
-        model = DynamicCrossEncoder(self.path, device=b.device, max_length=b.max_length, compile=not self.cfg.eager,
+        model = DynamicCrossEncoder(self.path, device=b.device, max_length=b.max_length, compile=not self.cfg.no_compile,
                                     model_kwargs={"dtype": b.torch_dtype}, compile_mode=b.compile_mode,
                                     packed=b.packed, max_tokens_per_batch=b.max_tokens_per_batch)
         loaded = time.perf_counter() - start
@@ -249,7 +249,7 @@ class Service:
                          dtype=str(model.model.dtype).removeprefix("torch."), attention=model.describe(),
                          max_length=model.max_seq_length, batch_size=b.batch_size, threads=torch.get_num_threads(), packed=model.packed,
                          max_tokens_per_batch=model.max_tokens_per_batch,
-                         compile_mode=model.compile_mode if not self.cfg.eager else None,
+                         compile_mode=model.compile_mode if not self.cfg.no_compile else None,
                          load_s=round(loaded, 3), warmup_s=round(warm, 3), versions=versions(),
                          limits={k: getattr(self.cfg, k) for k in ("max_wait_ms", "max_batch_tokens", "max_batch_requests",
                                                                    "max_client_batch_size", "max_request_bytes", "max_queue")})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -73,7 +74,7 @@ def server_argv(cfg, path: str, port: int, *, one_at_a_time: bool) -> list[str]:
             "--max-wait-ms", "0" if one_at_a_time else str(cfg.max_wait_ms),
             "--max-batch-requests", "1" if one_at_a_time else str(cfg.max_batch_requests),
             "--threads", str(cfg.threads)]
-    return argv + (["--packed"] if b.packed else []) + (["--eager"] if cfg.eager else [])
+    return argv + (["--packed"] if b.packed else []) + (["--no-compile"] if cfg.no_compile else [])
 
 
 async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -157,7 +158,7 @@ def predict_mode(cfg, path, items, runs: int = 3) -> tuple[ModeResult, np.ndarra
     b = cfg.bench
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = DynamicCrossEncoder(path, device=b.device, max_length=b.max_length, compile=not cfg.eager,
+    model = DynamicCrossEncoder(path, device=b.device, max_length=b.max_length, compile=not cfg.no_compile,
                                 model_kwargs={"dtype": b.torch_dtype}, compile_mode=b.compile_mode, packed=b.packed,
                                 max_tokens_per_batch=b.max_tokens_per_batch)
     model.warmup(batch_size=b.batch_size)
@@ -186,6 +187,7 @@ def main(cfg, args, p) -> int:
     if args.docs > cfg.max_client_batch_size or args.clients * args.docs > cfg.max_queue:
         p.error(f"--docs {args.docs} x --clients {args.clients} does not fit --max-client-batch-size / --max-queue")
     path = serve.model_path(cfg, p)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     items = data.load_rerank(args.requests, args.docs, seed=args.seed)
     warm = data.load_rerank(min(args.clients, args.requests), args.docs, seed=args.seed + 10_000_000)
     print(cfg.bench, f"\nload: {args.clients} clients, {args.requests} requests x {args.docs} documents", flush=True)
@@ -197,7 +199,7 @@ def main(cfg, args, p) -> int:
         result.max_abs_diff = float(np.abs(np.concatenate(scores) - ref).max())
         modes.append(result)
     modes.append(ceiling)
-    report = dict(config=dict(asdict(cfg.bench), eager=cfg.eager, max_wait_ms=cfg.max_wait_ms,
+    report = dict(config=dict(asdict(cfg.bench), no_compile=cfg.no_compile, max_wait_ms=cfg.max_wait_ms,
                               max_batch_tokens=cfg.max_batch_tokens),
                   load=dict(clients=args.clients, requests=args.requests, docs=args.docs, seed=args.seed),
                   environment=asdict(bu.environment(cfg.bench.device, cfg.bench.torch_dtype)),

@@ -3,7 +3,7 @@ scores against in-process predict, bad input, limits, API key, disconnects, SIGT
 the scheduler in-process (a model that fails on one request, cancelled documents).
 
 Every request and every server start has a timeout; every server process is stopped by its
-fixture's finalizer. The servers run the tiny twin uncompiled (--eager): the same predict path,
+fixture's finalizer. The servers run the tiny twin uncompiled (--no-compile): the same predict path,
 without a 10-60 s compile per server start, and on one torch thread (on a CPU shared with other
 processes, two threads' spin-waits made each predict call 10-20x slower).
 """
@@ -48,7 +48,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / f"server-{self.port}.log"
-        argv = [sys.executable, str(ROOT / "serve.py"), "--model", model_dir, "--device", "cpu", "--eager",
+        argv = [sys.executable, str(ROOT / "serve.py"), "--model", model_dir, "--device", "cpu", "--no-compile",
                 "--port", str(self.port), "--log-level", "warning", "--threads", "1", *flags]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -488,7 +488,7 @@ def test_app_503_until_warm_and_500_for_a_failing_request(tiny_model_dir):
     "boom": 503 while warming up, then a 500 for the failing request only."""
     from transformers import AutoTokenizer
 
-    cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--eager"])
+    cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--no-compile"])
     service = serve.Service(cfg, tiny_model_dir, serve.TokenCounter(AutoTokenizer.from_pretrained(tiny_model_dir)))
     gate = threading.Event()
 
