@@ -66,6 +66,30 @@ class Job:
         self.logits = np.zeros(len(self.pairs), dtype=np.float32)
 
 
+class TokenCounter:
+    """Tokens of each pair as the model would see them before truncation, each distinct text
+    encoded once (a rerank request's query once): ids(a) + ids(b) + the template's special tokens,
+    which is what CrossEncoder's tokenizer call makes of a pair when nothing is cut."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = tokenizer.num_special_tokens_to_add(pair=True)
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is not None:  # this instance is ours: no truncation or padding left set on it
+            self.backend.no_truncation()
+            self.backend.no_padding()
+
+    def __call__(self, pairs) -> np.ndarray:
+        """pairs (n,) -> (n,) int64 token counts."""
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        if self.backend is not None:
+            lengths = [len(e.ids) for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        else:
+            lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        n = dict(zip(texts, lengths))
+        return np.array([n[a] + n[b] + self.special for a, b in pairs], dtype=np.int64)
+
+
 class Metrics:
     """The server's Prometheus metrics, in a registry of their own (several servers per process in tests)."""
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import benchmark
 import models
-from rerank_scheduler import Metrics, ModelError, NotAccepting, QueueFull, Scheduler
+from rerank_scheduler import Metrics, ModelError, NotAccepting, QueueFull, Scheduler, TokenCounter
 
 # The benchmark's model flags, with its help, choices and device defaults.
 MODEL_FLAGS = ("model", "device", "dtype", "packed", "max_length", "batch_size", "max_tokens_per_batch", "compile_mode")
@@ -190,30 +190,6 @@ class ApiError(Exception):
 
 class ClientGone(Exception):
     pass
-
-
-class TokenCounter:
-    """Tokens of each pair as the model would see them before truncation, each distinct text
-    encoded once (a rerank request's query once): ids(a) + ids(b) + the template's special tokens,
-    which is what CrossEncoder's tokenizer call makes of a pair when nothing is cut."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.special = tokenizer.num_special_tokens_to_add(pair=True)
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
-        if self.backend is not None:  # this instance is ours: no truncation or padding left set on it
-            self.backend.no_truncation()
-            self.backend.no_padding()
-
-    def __call__(self, pairs) -> np.ndarray:
-        """pairs (n,) -> (n,) int64 token counts."""
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        if self.backend is not None:
-            lengths = [len(e.ids) for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        else:
-            lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        n = dict(zip(texts, lengths))
-        return np.array([n[a] + n[b] + self.special for a, b in pairs], dtype=np.int64)
 
 
 # ---------------------------------------------------------------- the server's state

@@ -190,7 +190,9 @@ def main(cfg, args, p) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     items = data.load_rerank(args.requests, args.docs, seed=args.seed)
     warm = data.load_rerank(min(args.clients, args.requests), args.docs, seed=args.seed + 10_000_000)
-    print(cfg.bench, f"\nload: {args.clients} clients, {args.requests} requests x {args.docs} documents", flush=True)
+    print("model: " + ", ".join(f"{k}={getattr(cfg.bench, k)!r}" for k in serve.MODEL_FLAGS)
+          + f", no_compile={cfg.no_compile}, threads={cfg.threads or 'torch default'}")
+    print(f"load: {args.clients} clients, {args.requests} requests x {args.docs} documents", flush=True)
     modes = []
     coalesced, server_scores = server_mode(cfg, path, "coalescing", items, warm, args.clients, one_at_a_time=False)
     single, single_scores = server_mode(cfg, path, "one at a time", items, warm, args.clients, one_at_a_time=True)
