@@ -111,9 +111,12 @@ def test_full_queue_and_warming_up_refuse():
         with pytest.raises(rs.QueueFull, match="holds 8 pairs; 3 more would pass --max-queue 10") as e:
             sched.submit([("q", "d")] * 3, [1] * 3)
         assert e.value.retry_after >= 1
-        sched.submit([("q", "d")] * 2, [1] * 2)  # exactly full is fine
+        last = sched.submit([("q", "d")] * 2, [1] * 2)  # exactly full is fine
+        assert sched.stop(2), "stop() waited out max_wait_s instead of draining at once"
+        assert last.future.result(0).shape == (2,) and sched.queued_pairs == 0
     finally:
-        assert sched.stop(10)  # drains the 10 queued pairs without waiting out max_wait_s
+        gate.set()
+        sched.stop(10)
 
 
 def test_app_503_until_warm_and_500_for_a_failing_request(tiny_model_dir):
