@@ -321,6 +321,22 @@ def test_api_key_accepted(guarded):
     assert r.status_code == 200 and len(r.json()) == 1
 
 
+def test_official_cohere_client(guarded, reference):
+    """Cohere's own SDK, unchanged but for base_url: v2 and v1 rerank parse, the key is sent."""
+    cohere = pytest.importorskip("cohere")
+    ref = sigmoid(reference([(QUERY, d) for d in DOCS]))
+    best = list(np.argsort(-ref, kind="stable")[:3])
+    v2 = cohere.ClientV2(api_key="s3cret", base_url=guarded.url, timeout=30)
+    out = v2.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=3)
+    assert [r.index for r in out.results] == best
+    assert_close([r.relevance_score for r in out.results], ref[best])
+    v1 = cohere.Client(api_key="s3cret", base_url=guarded.url, timeout=30)
+    out = v1.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=3, return_documents=True)
+    assert [(r.index, r.document.text) for r in out.results] == [(i, DOCS[i]) for i in best]
+    with pytest.raises(cohere.errors.UnauthorizedError):
+        cohere.ClientV2(api_key="wrong", base_url=guarded.url, timeout=30).rerank(model="m", query="q", documents=["a"])
+
+
 def test_full_queue_answers_503_with_retry_after(guarded, reference):
     """30 pairs wait 1.5 s in a 40-pair queue; 20 more are refused meanwhile, then accepted."""
     first_docs, second_docs = DOCS[:10] * 3, DOCS[:10] * 2
