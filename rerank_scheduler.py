@@ -288,7 +288,8 @@ class Scheduler:
             if job in self._queue:
                 self._queue.remove(job)
         reason = (str(error).strip().splitlines() or [""])[0][:300]
-        _resolve(job.future.set_exception, ModelError(f"the model failed on this request: {type(error).__name__}: {reason}"))
+        message = f"the model failed on this request: {type(error).__name__}: {reason}"
+        _resolve(job.future.set_exception, ModelError(message))
 
 
 def _resolve(setter, value) -> None:

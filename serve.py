@@ -198,7 +198,7 @@ class ClientGone(Exception):
 class Service:
     """What the routes share: limits, the token counter, the scheduler, and facts for /info."""
 
-    def __init__(self, cfg: ServeConfig, path: str, counter: TokenCounter, scheduler_factory=None):
+    def __init__(self, cfg: ServeConfig, path: str, counter: TokenCounter):
         self.cfg, self.path, self.counter = cfg, path, counter
         self.metrics = Metrics()
         self.activation = None  # the model's, set once loaded: what predict applies by default
@@ -215,20 +215,22 @@ class Service:
 
         b = self.cfg.bench
         start = time.perf_counter()
-        model = DynamicCrossEncoder(self.path, device=b.device, max_length=b.max_length, compile=not self.cfg.no_compile,
-                                    model_kwargs={"dtype": b.torch_dtype}, compile_mode=b.compile_mode,
-                                    packed=b.packed, max_tokens_per_batch=b.max_tokens_per_batch)
+        model = DynamicCrossEncoder(self.path, device=b.device, max_length=b.max_length,
+                                    compile=not self.cfg.no_compile, model_kwargs={"dtype": b.torch_dtype},
+                                    compile_mode=b.compile_mode, packed=b.packed,
+                                    max_tokens_per_batch=b.max_tokens_per_batch)
         loaded = time.perf_counter() - start
         warm = model.warmup(batch_size=b.batch_size)
         self.activation = model.activation_fn
+        limits = ("max_wait_ms", "max_batch_tokens", "max_batch_requests", "max_client_batch_size",
+                  "max_request_bytes", "max_queue")
         self.info = dict(model=b.model, source=models.model_source(self.path), path=self.path, device=b.device,
                          dtype=str(model.model.dtype).removeprefix("torch."), attention=model.describe(),
-                         max_length=model.max_seq_length, batch_size=b.batch_size, threads=torch.get_num_threads(), packed=model.packed,
-                         max_tokens_per_batch=model.max_tokens_per_batch,
-                         compile_mode=model.compile_mode if not self.cfg.no_compile else None,
+                         max_length=model.max_seq_length, batch_size=b.batch_size, packed=model.packed,
+                         max_tokens_per_batch=model.max_tokens_per_batch, threads=torch.get_num_threads(),
+                         compile_mode=None if self.cfg.no_compile else model.compile_mode,
                          load_s=round(loaded, 3), warmup_s=round(warm, 3), versions=versions(),
-                         limits={k: getattr(self.cfg, k) for k in ("max_wait_ms", "max_batch_tokens", "max_batch_requests",
-                                                                   "max_client_batch_size", "max_request_bytes", "max_queue")})
+                         limits={k: getattr(self.cfg, k) for k in limits})
         log.warning("ready: %s on %s, warm-up %.1f s", self.info["attention"], b.device, warm)
         return model
 
