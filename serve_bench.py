@@ -193,6 +193,9 @@ def main(cfg, args, p) -> int:
     print("model: " + ", ".join(f"{k}={getattr(cfg.bench, k)!r}" for k in serve.MODEL_FLAGS)
           + f", no_compile={cfg.no_compile}, threads={cfg.threads or 'torch default'}")
     print(f"load: {args.clients} clients, {args.requests} requests x {args.docs} documents", flush=True)
+    if not bu.is_cuda(cfg.bench.device) and cfg.bench.model != "synthetic-tiny":
+        print("note: a full-size reranker scores about 1 pair/s per CPU core; --model synthetic-tiny measures "
+              "the server on a CPU in minutes", flush=True)
     modes = []
     coalesced, server_scores = server_mode(cfg, path, "coalescing", items, warm, args.clients, one_at_a_time=False)
     single, single_scores = server_mode(cfg, path, "one at a time", items, warm, args.clients, one_at_a_time=True)
