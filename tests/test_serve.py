@@ -95,8 +95,8 @@ def server(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, tiny_model_dir):
-    # requests wait 1.5 s for company: a second one arrives while the first still holds the queue
-    s = Server(tmp_path_factory.mktemp("guarded"), tiny_model_dir, "--api-key", "s3cret", "--max-wait-ms", "1500",
+    # requests wait 2 s for company: a second one arrives while the first still holds the queue
+    s = Server(tmp_path_factory.mktemp("guarded"), tiny_model_dir, "--api-key", "s3cret", "--max-wait-ms", "2000",
                "--max-queue", "40", "--max-client-batch-size", "40")
     s.auth = {"Authorization": "Bearer s3cret"}
     yield s
@@ -341,7 +341,7 @@ def test_official_cohere_client(guarded, reference):
 
 
 def test_full_queue_answers_503_with_retry_after(guarded, reference):
-    """30 pairs wait 1.5 s in a 40-pair queue; 20 more are refused meanwhile, then accepted."""
+    """30 pairs wait 2 s in a 40-pair queue; 20 more are refused meanwhile, then accepted."""
     first_docs, second_docs = DOCS[:10] * 3, DOCS[:10] * 2
     out = {}
 
@@ -351,7 +351,9 @@ def test_full_queue_answers_503_with_retry_after(guarded, reference):
 
     t = threading.Thread(target=first)
     t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 1.5
+    while guarded.metric("rerank_queue_pairs") < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
     r = httpx.post(guarded.url + "/rerank", json={"query": QUERY, "texts": second_docs}, headers=guarded.auth,
                    timeout=TIMEOUT)
     t.join(30)
@@ -368,7 +370,7 @@ def test_full_queue_answers_503_with_retry_after(guarded, reference):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, tiny_model_dir, reference):
-    s = Server(tmp_path, tiny_model_dir, "--max-wait-ms", "2000")
+    s = Server(tmp_path, tiny_model_dir, "--max-wait-ms", "3000")
     try:
         items = data.load_rerank(4, 6, seed=7, doc_words=(1, 80))
         results = [None] * 4
