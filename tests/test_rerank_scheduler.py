@@ -1,0 +1,164 @@
+"""The rerank server's scheduler and app in-process, with a fake model: coalescing, splitting, a model
+that fails on one request, cancelled documents, a full queue, 503 while warming up and the 500 a
+failing request gets. The real server process is tested in test_serve.py."""
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import rerank_scheduler as rs
+import serve
+from test_serve import TIMEOUT, by_index, scrape
+
+
+class FakeModel:
+    """predict -> one logit per pair (its texts' lengths); raises on a pair holding "boom"."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.calls, self.gate = [], gate
+
+    def predict(self, pairs, batch_size, activation_fn, show_progress_bar):
+        self.calls.append(list(pairs))
+        if self.gate is not None:
+            self.gate.wait(10)
+        if any("boom" in b for _, b in pairs):
+            raise torch.OutOfMemoryError("CUDA out of memory (emulated)")
+        return np.array([len(a) + len(b) / 7 for a, b in pairs], dtype=np.float32)
+
+
+def make_scheduler(model, **kw):
+    args = dict(batch_size=4, max_batch_tokens=1000, max_batch_requests=None, max_wait_s=0.3, max_queue=100) | kw
+    s = rs.Scheduler(lambda: model, **args)
+    s.start()
+    assert s.ready.wait(5)
+    return s
+
+
+def expected(pairs):
+    return np.array([len(a) + len(b) / 7 for a, b in pairs], dtype=np.float32)
+
+
+def test_model_failure_fails_only_its_request():
+    model = FakeModel()
+    sched = make_scheduler(model)
+    try:
+        good = [("q", f"doc {i}") for i in range(5)]
+        bad = [("q", "fine"), ("q", "boom")]
+        jobs = [sched.submit(good, [10] * 5), sched.submit(bad, [10] * 2)]
+        np.testing.assert_array_equal(jobs[0].future.result(5), expected(good))
+        with pytest.raises(rs.ModelError, match="OutOfMemoryError: CUDA out of memory"):
+            jobs[1].future.result(5)
+        assert model.calls[0] == good + bad, "the two requests were not coalesced"
+        later = sched.submit(good, [10] * 5)
+        np.testing.assert_array_equal(later.future.result(5), expected(good))
+        assert sched.queued_pairs == 0
+    finally:
+        assert sched.stop(5)
+
+
+def test_coalesced_requests_get_their_own_rows():
+    model = FakeModel()
+    sched = make_scheduler(model)
+    try:
+        parts = [[("q1", "a"), ("q1", "bbb"), ("q1", "cc")], [("q2", "dddd")], [("q3", "e"), ("q3", "")]]
+        jobs = [sched.submit(p, [5] * len(p)) for p in parts]
+        for job, p in zip(jobs, parts):
+            np.testing.assert_array_equal(job.future.result(5), expected(p))
+        assert model.calls == [parts[0] + parts[1] + parts[2]], "not one coalesced predict call"
+    finally:
+        assert sched.stop(5)
+
+
+def test_large_request_split_in_order_and_cancel_drops_the_rest():
+    gate = threading.Event()
+    model = FakeModel(gate)
+    sched = make_scheduler(model, max_batch_tokens=30, max_wait_s=0)
+    try:
+        first = sched.submit([("a", "x")], [10])  # taken at once; its predict blocks on the gate
+        deadline = time.monotonic() + 5
+        while not model.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pairs = [("q", "d" * i) for i in range(10)]
+        big = sched.submit(pairs, [10] * 10)  # 3 pairs per predict call
+        other = sched.submit(pairs[:4], [10] * 4)
+        assert sched.cancel(other) == 4 and sched.queued_pairs == 11
+        gate.set()
+        first.future.result(5)
+        np.testing.assert_array_equal(big.future.result(5), expected(pairs))
+        assert [len(c) for c in model.calls] == [1, 3, 3, 3, 1]
+        assert sum(c == pairs[:4] for c in model.calls) == 0 and sched.queued_pairs == 0
+    finally:
+        gate.set()
+        assert sched.stop(5)
+
+
+def test_full_queue_and_warming_up_refuse():
+    gate = threading.Event()
+    sched = rs.Scheduler(lambda: gate.wait(5) and FakeModel(), batch_size=4, max_batch_tokens=100,
+                         max_batch_requests=None, max_wait_s=5, max_queue=10)
+    sched.start()
+    try:
+        with pytest.raises(rs.NotAccepting, match="warming up"):
+            sched.submit([("q", "d")], [1])
+        gate.set()
+        assert sched.ready.wait(5)
+        sched.submit([("q", "d")] * 8, [1] * 8)
+        with pytest.raises(rs.QueueFull, match="holds 8 pairs; 3 more would pass --max-queue 10") as e:
+            sched.submit([("q", "d")] * 3, [1] * 3)
+        assert e.value.retry_after >= 1
+        last = sched.submit([("q", "d")] * 2, [1] * 2)  # exactly full is fine
+        assert sched.stop(2), "stop() waited out max_wait_s instead of draining at once"
+        assert last.future.result(0).shape == (2,) and sched.queued_pairs == 0
+    finally:
+        gate.set()
+        sched.stop(10)
+
+
+def test_app_503_until_warm_and_500_for_a_failing_request(tiny_model_dir):
+    """The app in-process (ASGI) on a scheduler whose model loads when the test says so and fails on
+    "boom": 503 while warming up, then a 500 for the failing request only."""
+    from transformers import AutoTokenizer
+
+    cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--no-compile"])
+    service = serve.Service(cfg, tiny_model_dir, serve.TokenCounter(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    gate = threading.Event()
+
+    def load():
+        gate.wait(10)
+        service.activation, service.info = torch.sigmoid, {"model": "fake"}
+        return FakeModel()
+
+    service.scheduler.load = load
+    app = serve.create_app(service)
+    service.scheduler.start()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app",
+                                     timeout=TIMEOUT) as c:
+            health = await c.get("/health")
+            assert (health.status_code, health.json()) == (503, {"status": "warming up"})
+            early = await c.post("/rerank", json={"query": "q", "texts": ["a"]})
+            assert early.status_code == 503 and early.headers["Retry-After"] == "1"
+            gate.set()
+            assert await asyncio.to_thread(service.scheduler.ready.wait, 10)
+            good, bad = await asyncio.gather(
+                c.post("/rerank", json={"query": "q", "texts": ["a", "bb"], "raw_scores": True}),
+                c.post("/v2/rerank", json={"query": "q", "documents": ["ok", "boom"]}))
+            assert good.status_code == 200
+            assert by_index(good.json(), 2, "score").tolist() == list(expected([("q", "a"), ("q", "bb")]))
+            assert bad.status_code == 500 and "OutOfMemoryError" in bad.json()["error"]
+            assert (await c.get("/health")).status_code == 200
+            return (await c.get("/metrics")).text
+
+    try:
+        text = asyncio.run(asyncio.wait_for(go(), 60))
+        assert scrape(text, "rerank_requests_total", route="/v2/rerank", status="500") == 1
+        assert scrape(text, "rerank_requests_total", route="/health", status="503") == 1
+    finally:
+        gate.set()
+        assert service.scheduler.stop(10)
