@@ -20,19 +20,25 @@ packing.py. Both paths use the loaded model's own weights.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
-import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 from tqdm.auto import tqdm
 
+from compiled import (  # noqa: F401  (compile_count, cudagraph_skips: imported from here too)
+    CallTimings,
+    compile_count,
+    cudagraph_skips,
+    own_code,
+    sync,
+    timing_event,
+    uses_cuda_graphs,
+)
 from families import default_position_offset, family_of, packed_logits, padded_logits, uses_token_types
 from pair_tokenizer import PairTokenizer, Ragged, validate_pairs
 from packing import (
@@ -49,10 +55,7 @@ from packing import (
     register_library_attention,
     token_buckets,
 )
-
-# torch.compile modes that capture CUDA graphs: a graph is recorded per input shape, and every
-# replay writes its outputs into the same memory.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+from models import checkpoint_dir
 
 
 def device_defaults(device) -> dict:
@@ -67,38 +70,6 @@ def device_defaults(device) -> dict:
         # and not the reference, so float32 there
         "dtype": "auto" if cuda else torch.float32,
     }
-
-
-def uses_cuda_graphs(device_type: str, compile: bool, mode: str) -> bool:
-    return compile and device_type == "cuda" and mode in CUDA_GRAPH_MODES
-
-
-def compile_count() -> int:
-    """Graphs compiled so far in this process (dynamo's counter)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def cudagraph_skips() -> int:
-    """Times inductor fell back from CUDA graphs so far in this process (it logs each reason)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"]["cudagraph_skips"])
-
-
-@dataclass
-class CallTimings:
-    """What one `predict` call did (`last_timings`). forward_s is device time between CUDA events
-    around each launch (idle gaps inside a launch included); wall time on the CPU."""
-
-    tokenize_s: float = 0.0
-    pack_s: float = 0.0
-    forward_s: float = 0.0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    batches: int = 0
-    new_shapes: list = field(default_factory=list)  # batch shapes first met after warm-up
 
 
 class DynamicCrossEncoder(CrossEncoder):
@@ -192,7 +163,7 @@ class DynamicCrossEncoder(CrossEncoder):
         else:
             self.attention_backend, self.attention_reason = self.model.config._attn_implementation, "the model's own"
             fn = self._padded_logits
-        self._logits = torch.compile(_own_code(fn), mode=self.compile_mode, dynamic=self.dynamic) if self.compile_enabled else fn
+        self._logits = torch.compile(own_code(fn), mode=self.compile_mode, dynamic=self.dynamic) if self.compile_enabled else fn
 
     @property
     def position_limit(self) -> int:
@@ -306,10 +277,10 @@ class DynamicCrossEncoder(CrossEncoder):
             batch = self._dummy_batch(shape, batch_size)
             for _ in range(runs):
                 self._run_batch(batch, timings, [])
-        _sync(self.device)
+        sync(self.device)
         if pairs is not None:
             self.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        _sync(self.device)
+        sync(self.device)
         self.compile_seconds = time.perf_counter() - start
         self._compiles_after_warmup = self.compiles
         self.unwarmed_shapes, self._late_recordings, self._warned = [], set(), (0, 0)
@@ -326,10 +297,10 @@ class DynamicCrossEncoder(CrossEncoder):
         kept = self.last_timings
         self._host_only = True
         try:
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             self._predict_logits(pairs, batch_size, progress=False)
-            _sync(self.device)
+            sync(self.device)
             return time.perf_counter() - start
         finally:
             self._host_only, self.last_timings = False, kept
@@ -430,27 +401,10 @@ class DynamicCrossEncoder(CrossEncoder):
         return restored
 
     def _encoded_chunks(self, pairs, batch_size, timings):
-        """Yields (row indices into pairs, Ragged ids) chunk by chunk; chunk i + 1 is tokenized in a
-        worker thread (the tokenizer releases the GIL) while chunk i is packed and launched."""
-        bounds = chunk_bounds(len(pairs), batch_size)
-        encoder = self._pair_tokenizer()
-
-        def encode(lo, hi):
-            t = time.perf_counter()
-            return encoder.encode(pairs[lo:hi]), time.perf_counter() - t
-
-        if len(bounds) == 1:  # nothing to overlap: no thread to start and hand over to
-            ragged, timings.tokenize_s = encode(*bounds[0])
-            yield np.arange(len(pairs)), ragged
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(encode, *bounds[0])
-            for i, (lo, hi) in enumerate(bounds):
-                ragged, seconds = pending.result()
-                timings.tokenize_s += seconds
-                if i + 1 < len(bounds):
-                    pending = pool.submit(encode, *bounds[i + 1])
-                yield np.arange(lo, hi), ragged
+        """Yields (row indices into pairs, Ragged ids) chunk by chunk, the next one tokenized ahead."""
+        for rows, ragged, seconds in self._pair_tokenizer().encode_chunks(pairs, chunk_bounds(len(pairs), batch_size)):
+            timings.tokenize_s += seconds
+            yield rows, ragged
 
     def _padded_batches(self, chunks, batch_size, timings):
         """Yields (PaddedBatch, row indices into pairs): each chunk sorted longest first (as
@@ -510,7 +464,7 @@ class DynamicCrossEncoder(CrossEncoder):
         before = compile_count()
         cuda = self._dev.type == "cuda"
         if cuda:
-            start = _timing_event(self._dev)
+            start = timing_event(self._dev)
         t = time.perf_counter()
         if self._host_only:  # host_seconds(): everything but the forward
             out = torch.zeros(batch.num_seqs, self.num_labels, device=self._dev)
@@ -522,7 +476,7 @@ class DynamicCrossEncoder(CrossEncoder):
         # the compiled function lives in the graph's memory pool too).
         logits = out[: batch.num_seqs].clone()
         if cuda:
-            events.append((start, _timing_event(self._dev)))
+            events.append((start, timing_event(self._dev)))
         else:
             timings.forward_s += time.perf_counter() - t
         self.compiles += compile_count() - before  # a process-wide counter: a concurrent instance would count too
@@ -564,47 +518,6 @@ class DynamicCrossEncoder(CrossEncoder):
                           f"(expected 0): shapes the warm-up did not run or record: {shapes[:8]}", stacklevel=5)
 
 
-def _own_code(method):
-    """The bound method on a private copy of its code object. Dynamo keeps compiled graphs, and counts
-    its recompile limit, per code object: without this, graphs of every instance in the process
-    would count against each one's limit (and the limit, once hit, runs that code eager for good)."""
-    f = method.__func__
-    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    return types.MethodType(own, method.__self__)
-
-
-def checkpoint_dir(name: str, *, local_files_only: bool = False) -> str:
-    """A local checkpoint directory for a directory or a hub id (fetched by huggingface_hub, as
-    CrossEncoder would). jina-reranker-v2's layout loads into XLM-R with unmatched weights (random
-    scores, silently), so it is converted to the native layout once and cached."""
-    path = os.path.expanduser(name)
-    if not os.path.isdir(path):
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = snapshot_download(name, local_files_only=local_files_only)
-        except Exception as e:  # not a repo id, not cached offline, no network, ...
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"model_name_or_path {name!r} is not a local directory and could not be fetched "
-                             f"from the hub ({reason})") from None
-    from models import is_jina_checkpoint, native_checkpoint  # the conversion only; no hub probe or twin
-
-    return native_checkpoint(path) if is_jina_checkpoint(path) else path
-
-
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _timing_event(device: torch.device):
-    """A CUDA event recorded now on `device`'s stream: Event.record() alone records on the current
-    device's stream (torch/cuda/streams.py), which on another device times nothing."""
-    event = torch.cuda.Event(enable_timing=True)
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -357,6 +357,23 @@ def native_checkpoint(path) -> str:
                              lambda p: os.path.isfile(os.path.join(p, CONVERTED_MARKER)))
 
 
+def checkpoint_dir(name: str, *, local_files_only: bool = False) -> str:
+    """A local checkpoint directory for a directory or a hub id (fetched by huggingface_hub, as
+    CrossEncoder would). jina-reranker-v2's layout loads into XLM-R with unmatched weights (random
+    scores, silently), so it is converted to the native layout once and cached."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(name, local_files_only=local_files_only)
+        except Exception as e:  # not a repo id, not cached offline, no network, ...
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"model_name_or_path {name!r} is not a local directory and could not be fetched "
+                             f"from the hub ({reason})") from None
+    return native_checkpoint(path) if is_jina_checkpoint(path) else path
+
+
 # ---- loading the baseline ----
 
 def apply_transformers5_compat() -> None:

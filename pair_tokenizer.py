@@ -13,6 +13,8 @@ template or truncation side this does not reproduce, fall back to the transforme
 from __future__ import annotations
 
 import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,6 +194,25 @@ class PairTokenizer:
             for at, keep, value in ((at_a, keep1, self.text_types[0]), (at_b, keep2, self.text_types[1])):
                 out.types[np.repeat(at, keep) + ragged_arange(keep)] = value
         return out
+
+    def encode_chunks(self, pairs, bounds):
+        """Yields (row indices into pairs, Ragged ids, seconds spent encoding them) for each [lo, hi) of
+        `bounds`; chunk i + 1 is encoded in a worker thread (the tokenizer releases the GIL) while the
+        caller packs and launches chunk i."""
+        def encode(lo, hi):
+            t = time.perf_counter()
+            return self.encode(pairs[lo:hi]), time.perf_counter() - t
+
+        if len(bounds) == 1:  # nothing to overlap: no thread to start and hand over to
+            yield (np.arange(*bounds[0]), *encode(*bounds[0]))
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(encode, *bounds[0])
+            for i, (lo, hi) in enumerate(bounds):
+                ragged, seconds = pending.result()
+                if i + 1 < len(bounds):
+                    pending = pool.submit(encode, *bounds[i + 1])
+                yield np.arange(lo, hi), ragged, seconds
 
     def _encode_texts(self, texts: list[str]) -> Ragged:
         encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)

@@ -25,7 +25,7 @@ from helpers import IDENTITY, TOL, assert_same_logits, spy_logits, workload
 def padded(ragged, pad_id):
     """(n, longest) right-padded ids, through the padded path's own batch builder."""
     width = int(ragged.lengths.max())
-    return PaddedBatch.build(ragged.flat, ragged.lengths, width=width, pad_id=pad_id).buffer[0].numpy()
+    return PaddedBatch.build(ragged.flat, ragged.lengths, width=width, pad_id=pad_id).views()[0].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,10 @@ def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
 
     assert len(seen) == -(-len(pairs) // 8)
     real_rows = []
-    for input_ids, mask in seen:
+    for input_ids, mask, types, index in seen:
         rows, width = input_ids.shape
+        assert torch.all(types == 0), "XLM-R has one token type"
+        assert index.tolist() == [r * width for r in range(rows)], "the head reads token 0 of each row"
         assert mask.shape == (rows, width) and rows <= 8
         assert width % 16 == 0
         row_len = mask.sum(1)
@@ -136,7 +138,7 @@ def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
         real_rows += [tuple(r[:n].tolist()) for r, n in zip(input_ids, row_len)]
     # every tokenized pair went through exactly once (sorting only reorders)
     assert sorted(real_rows) == sorted(tuple(r[:n].tolist()) for r, n in zip(ids, lengths))
-    assert eager.last_timings.padded_tokens == sum(m.numel() for _, m in seen)
+    assert eager.last_timings.padded_tokens == sum(m.numel() for _, m, *_ in seen)
     assert eager.last_timings.real_tokens == int(lengths.sum())
     assert eager.last_timings.batches == len(seen)
 

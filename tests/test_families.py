@@ -84,9 +84,11 @@ def test_rank_order_equals_cross_encoder(family, packed, pairs):
     scores = np.array([r["score"] for r in want])
     model = load(path, packed=packed and family not in PADDED_ONLY, compile=False)
     got = model.rank(QUERY, docs, activation_fn=IDENTITY)
-    assert (-np.diff(scores)).min() > 2 * TOL, "ties would make the order ambiguous"
-    assert [r["corpus_id"] for r in got] == [r["corpus_id"] for r in want]
-    np.testing.assert_allclose([r["score"] for r in got], scores, rtol=0, atol=TOL)
+    # near-ties (within the tolerance) may swap; every other pair of documents keeps its order
+    assert (-np.diff(scores) > 2 * TOL).sum() >= 10, "the reference barely orders the documents"
+    by_id = {r["corpus_id"]: r["score"] for r in want}
+    assert np.diff([by_id[r["corpus_id"]] for r in got]).max() <= 2 * TOL, "rank() order differs"
+    np.testing.assert_allclose([r["score"] for r in got], [by_id[r["corpus_id"]] for r in got], rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("family", ["bert", "electra", "bert-dense"])
@@ -123,15 +125,18 @@ def test_families_without_token_types_get_none(family, pairs):
 def test_causal_reranker_applies_cross_encoders_prompt_template(pairs):
     """The yes/no reranker's chat template comes from CrossEncoder's preprocess: the host tokenizer
     says it falls back to it, and the ids equal CrossEncoder's, over-long pairs keeping the template's end."""
-    path, ce, _ = reference("qwen3-reranker", pairs)
-    model = load(path, compile=False)
+    path, *_ = reference("qwen3-reranker", pairs)
+    ce = CrossEncoder(path, device="cpu", local_files_only=True, max_length=128)
+    model = load(path, compile=False, max_length=128)
     assert "CrossEncoder's tokenization" in model.describe()
     want = ce.preprocess([list(p) for p in pairs])
     mask = want["attention_mask"].bool().numpy()
-    assert model._encode(pairs).flat.tolist() == want["input_ids"].numpy()[mask].tolist()
+    got = model._encode(pairs)
+    assert got.flat.tolist() == want["input_ids"].numpy()[mask].tolist()
+    assert got.lengths.max() == 128, "over-long pairs are truncated to max_length"
     long = model._encode([[LONG_TEXT, LONG_TEXT]])
-    end = ce.preprocess([["lorem", "ipsum"]])["input_ids"][0, -5:].tolist()
-    assert long.flat[-5:].tolist() == end and long.lengths[0] == model.max_seq_length
+    end = ce.preprocess([["lorem", "ipsum"]])["input_ids"][0, -5:].tolist()  # the template's end
+    assert long.flat[-5:].tolist() == end and long.lengths[0] == 128
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
