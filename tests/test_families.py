@@ -100,7 +100,8 @@ def test_token_types_are_the_tokenizers(family, pairs):
     got = model._encode(pairs)
     want = ce.preprocess([list(p) for p in pairs])
     mask = want["attention_mask"].bool().numpy()
-    assert got.types is not None and "token types" in model.describe()
+    assert model._pair_tokenizer().fallback_reason is None, "the fast path runs (it matched on the probe pairs)"
+    assert got.types is not None and model.describe().endswith("each distinct text once, token types)")
     assert got.types.tolist() == want["token_type_ids"].numpy()[mask].tolist()
     assert got.flat.tolist() == want["input_ids"].numpy()[mask].tolist()
     assert set(got.types.tolist()) == {0, 1}
