@@ -303,8 +303,9 @@ def test_last_call_breakdown_reads_attributes():
 
 def test_pyproject_lists_every_module():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
-    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
-    assert sorted(listed) == sorted(p.stem for p in ROOT.glob("*.py"))
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert sorted(setuptools["py-modules"]) == sorted(p.stem for p in ROOT.glob("*.py"))
+    assert setuptools["packages"] == sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
 
 
 def test_pip_install_provides_the_flat_modules(tmp_path):
@@ -314,12 +315,13 @@ def test_pip_install_provides_the_flat_modules(tmp_path):
     # A copy: building in place would leave build/ and *.egg-info in the working tree.
     for name in ["pyproject.toml", "requirements.txt"] + [p.name for p in ROOT.glob("*.py")]:
         shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "families", src / "families", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--no-compile", "--target", str(target), str(src)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
     probe = ("import importlib.util, json, dynamic_cross_encoder; print(json.dumps([dynamic_cross_encoder.__file__] + "
-             "[importlib.util.find_spec(m).origin for m in ('models', 'bench_utils', 'report', 'benchmark')]))")
+             "[importlib.util.find_spec(m).origin for m in ('models', 'bench_utils', 'report', 'benchmark', 'families.bert')]))")
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
