@@ -26,8 +26,8 @@ import data
 import models
 import packing
 import report as rp
+import device_policy
 from device_policy import device_defaults as class_defaults
-from device_policy import model_dtype
 
 ORDERS = ("sorted", "unsorted")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -68,7 +68,7 @@ class BenchConfig:
     device: str = field(default="auto", metadata=_opt(str, "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'"))
     dtype: str = field(default="auto", metadata=_opt(
         str, "dtype of the model weights; on a CPU bf16 where it is native (AVX-512 BF16 or AMX), else float32 "
-             f"(here: {model_dtype('cpu')[1]})", choices=DTYPES))
+             f"(here: {device_policy.model_dtype('cpu')[1]})", choices=DTYPES))
     batch_size: int | None = field(default=None, metadata=_opt(int, "pairs per predict batch"))
     num_pairs: int | None = field(default=None, metadata=_opt(int, "pairs per timed run (pairs workload)"))
     runs: int | None = field(default=None, metadata=_opt(int, "timed runs; mean +- std over the last 5"))
@@ -289,9 +289,8 @@ OPENVINO_INSTALL = ("optimum-intel is not installed; add this row with pip insta
 
 
 def openvino_setups(cfg: BenchConfig, path) -> list[Setup]:
-    """The CPU runtime a user would pick instead of torch, as a peer row: sentence-transformers'
-    CrossEncoder on OpenVINO (optimum-intel), at OpenVINO's default precision (bf16 where the CPU
-    has it). CPU runs only; [] on CUDA, which OpenVINO does not drive."""
+    """The CPU runtime a user would pick instead of torch, as a peer row: CrossEncoder on OpenVINO
+    (optimum-intel) at its default precision (bf16 where the CPU has it); [] on CUDA."""
     if bu.is_cuda(cfg.device):
         return []
     try:
@@ -305,8 +304,8 @@ def openvino_setups(cfg: BenchConfig, path) -> list[Setup]:
     def build():  # jina's layout converted to native XLM-R first, as DynamicCrossEncoder loads it
         return CrossEncoder(checkpoint_dir(path), backend="openvino", device="cpu", max_length=cfg.max_length)
 
-    def describe(model) -> str:
-        compiled = getattr(model[0].auto_model, "compiled_model", None)
+    def describe(model) -> str:  # optimum-intel's `request` is the compiled model (the precision it runs in)
+        compiled = getattr(model[0].auto_model, "request", None)
         precision = compiled.get_property("INFERENCE_PRECISION_HINT") if compiled is not None else "default"
         return f"sentence-transformers CrossEncoder, backend openvino {openvino.__version__}, precision {precision}"
 
@@ -369,6 +368,8 @@ def prepare(cfg: BenchConfig, notes, title: str) -> Prepared:
     if models.is_synthetic(path):
         report.notes.append("random weights: timings are valid, scores are not meaningful "
                             "(the differences between setups still are)")
+    if not bu.is_cuda(cfg.device):  # before the GEMM rate is measured: it runs on these threads
+        report.notes.append(f"CPU: {device_policy.describe_cpu()}; {device_policy.match_cpu_threads()}")
     report.compute = bu.compute_floor(report.workload.flops, bu.measure_gemm_tflops(cfg.device, cfg.torch_dtype))
     print(f"model: {report.model_source}")
     print(f"compute floor: {report.compute.floor_s:.4f} s per call ({report.compute.label}, "
@@ -434,8 +435,7 @@ def score_checks(runs: dict[str, bu.RunResult], reference: dict | None, orders) 
 
 def fp32_check(prep: Prepared, first_scores: dict, reference: dict | None) -> None:
     """--check-fp32: every setup's scores on the first timed workload of the last order against
-    CrossEncoder in fp32. A run in another dtype times that reference as a row of its own, so the
-    table says each setup's speed against it (fp32 speedup); in fp32 the baseline is the reference."""
+    CrossEncoder fp32, which a run in another dtype times as a row (each row's fp32 speedup)."""
     cfg, setups = prep.cfg, prep.report.setups
     if cfg.dtype == "float32" and (base := prep.report.baseline()) is not None and base.baseline:
         ref, ref_row = first_scores[base.name], None

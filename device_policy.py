@@ -55,6 +55,14 @@ def cpu_capabilities() -> CpuCapabilities:
                            amx=has("_is_amx_tile_supported", "amx_bf16"))
 
 
+def describe_cpu(capabilities: CpuCapabilities | None = None) -> str:
+    """e.g. "AVX512, avx512_bf16, no AMX: dtype bfloat16 (CPU has avx512_bf16)", for the output."""
+    caps = capabilities or cpu_capabilities()
+    dtype, why = cpu_dtype(caps)
+    have = [caps.isa, "avx512_bf16" if caps.avx512_bf16 else "no avx512_bf16", "AMX" if caps.amx else "no AMX"]
+    return f"{', '.join(have)}: default dtype {str(dtype).removeprefix('torch.')} ({why})"
+
+
 def _as_dtype(requested) -> torch.dtype | None:
     """None / "auto" -> None; a torch.dtype or its name ("bfloat16", "torch.float32") -> the dtype."""
     if requested is None or requested == "auto":

@@ -58,6 +58,7 @@ def test_openvino_and_fp32_reference_rows(fake_openvino, tiny_model_dir, capsys)
     cells = dict(zip(text_row_cells(text, "Setup"), text_row_cells(text, benchmark.OPENVINO)))
     assert cells["fp32 speedup"] == f"{ov.fp32_speedup:.2f}x" and cells["vs fp32"] == f"{ov.fp32_max_abs_diff:.1e}"
     assert "optimum-intel" not in text
+    assert f"Note: CPU: {benchmark.device_policy.describe_cpu()}; " in text  # what the CPU has, the threads used
 
 
 def test_without_optimum_intel_the_table_says_how_to_add_it(monkeypatch):

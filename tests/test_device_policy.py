@@ -35,6 +35,12 @@ def test_an_explicit_dtype_wins(requested, caps):
     assert cpu_dtype(HASWELL, torch.bfloat16) == (torch.bfloat16, "asked for")  # emulated, but asked for
 
 
+def test_the_output_names_what_the_cpu_has_and_the_dtype_it_gets():
+    assert dp.describe_cpu(COOPER_LAKE_OR_ZEN4) == ("AVX512, avx512_bf16, no AMX: default dtype bfloat16 "
+                                                    "(CPU has avx512_bf16)")
+    assert dp.describe_cpu(HASWELL).startswith("AVX2, no avx512_bf16, no AMX: default dtype float32 (CPU has no")
+
+
 def test_a_dtype_that_is_not_one_is_named():
     with pytest.raises(ValueError, match="dtype must be 'auto', a torch.dtype or its name, got 'float33'"):
         cpu_dtype(HASWELL, "float33")
