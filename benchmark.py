@@ -306,8 +306,10 @@ def openvino_setups(cfg: BenchConfig, path) -> list[Setup]:
 
     def describe(model) -> str:  # optimum-intel's `request` is the compiled model (the precision it runs in)
         compiled = getattr(model[0].auto_model, "request", None)
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT") if compiled is not None else "default"
-        return f"sentence-transformers CrossEncoder, backend openvino {openvino.__version__}, precision {precision}"
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT") if compiled is not None else None
+        precision = hint.to_string() if hint is not None else "default"  # e.g. "bf16"
+        version = openvino.__version__.split("-")[0]  # "2026.4.1-22982-<hash>-releases/2026/4"
+        return f"sentence-transformers CrossEncoder, backend openvino {version}, precision {precision}"
 
     return [Setup(OPENVINO, build, describe)]
 

@@ -29,7 +29,7 @@ def fake_openvino(monkeypatch):
     real, built = sentence_transformers.CrossEncoder, []
     for name in ("openvino", "optimum", "optimum.intel"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["openvino"].__version__ = "0.0-fake"
+    sys.modules["openvino"].__version__ = "0.0.1-123-fake-build"
 
     def cross_encoder(path, *, backend="torch", **kwargs):
         if backend != "openvino":
@@ -47,7 +47,7 @@ def test_openvino_and_fp32_reference_rows(fake_openvino, tiny_model_dir, capsys)
     assert fake_openvino == [(tiny_model_dir, {"device": "cpu", "max_length": 512})]
     rows = {s.name: s for s in report.setups}
     ov, ref = rows[benchmark.OPENVINO], rows["CrossEncoder fp32 (reference)"]
-    assert ov.attention == "sentence-transformers CrossEncoder, backend openvino 0.0-fake, precision default"
+    assert ov.attention == "sentence-transformers CrossEncoder, backend openvino 0.0.1, precision default"
     # the same inputs as every row: its scores are compared with the baseline's and with fp32
     assert ov.max_abs_diff is not None and ov.fp32_max_abs_diff > 0 and len(ov.unsorted.times) == 2
     assert ref.fp32_max_abs_diff == 0 and ref.fp32_speedup == 1 and "float32" in ref.attention
