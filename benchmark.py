@@ -437,10 +437,15 @@ def score_checks(runs: dict[str, bu.RunResult], reference: dict | None, orders) 
 
 def fp32_check(prep: Prepared, first_scores: dict, reference: dict | None) -> None:
     """--check-fp32: every setup's scores on the first timed workload of the last order against
-    CrossEncoder fp32, which a run in another dtype times as a row (each row's fp32 speedup)."""
+    CrossEncoder fp32, which a CPU run in another dtype times as a row (each row's fp32 speedup; on
+    a GPU one untimed call: fp32 there is no contender, and the GPU check's time is short)."""
     cfg, setups = prep.cfg, prep.report.setups
     if cfg.dtype == "float32" and (base := prep.report.baseline()) is not None and base.baseline:
         ref, ref_row = first_scores[base.name], None
+    elif bu.is_cuda(cfg.device):
+        model, _ = models.load_baseline(prep.path, device=cfg.device, dtype=torch.float32, max_length=cfg.max_length)
+        ref, ref_row = np.ravel(call(model, prep.workloads[prep.orders[-1]][0], cfg.batch_size)), None
+        del model
     else:
         setup = baseline_setup(cfg, prep.path, torch.float32, name="CrossEncoder fp32 (reference)", baseline=False)
         ref = np.ravel(time_setup(prep, setup, reference)[prep.orders[-1]].outputs[0])

@@ -1,8 +1,8 @@
 """What the device can do and the defaults that follow from it, in one place.
 
 The CPU dtype policy is a pure function of the CPU's capabilities (`cpu_dtype`), so it is tested
-without the hardware: bf16 where the CPU computes it natively (AVX-512 BF16 or AMX, whose bf16
-GEMMs run at about twice the fp32 rate or more: 3.2x end to end measured on a 2-core Xeon), fp32
+without the hardware: bf16 where the CPU computes it natively (AVX-512 BF16 or AMX: CrossEncoder
+in bf16 ran 3.2x its fp32 speed on a 2-core Xeon with avx512_bf16, about 1.6x on a 2-core EPYC), fp32
 elsewhere (bf16 there is converted to fp32 and back around every op: slower than fp32, and not the
 reference). A dtype the caller names always wins.
 """

@@ -40,7 +40,6 @@ from packing import (
     bucket_length,
     choose_attention_backend,
     chunk_bounds,
-    is_cuda,
     pack_batch,
     packed_forward,
     packed_unsupported_reason,

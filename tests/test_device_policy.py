@@ -52,6 +52,9 @@ def test_this_cpu_is_read_from_torch_and_cuda_keeps_the_checkpoint_dtype():
     assert caps.avx512_bf16 == torch.cpu._is_avx512_bf16_supported() and caps.amx == torch.cpu._is_amx_tile_supported()
     assert dp.model_dtype("cpu") == cpu_dtype(caps) and dp.device_defaults("cpu")["dtype"] == cpu_dtype(caps)[0]
     assert dp.model_dtype("cuda") == ("auto", "the checkpoint's dtype")
+    import dynamic_cross_encoder
+
+    assert dynamic_cross_encoder.device_defaults is dp.device_defaults  # still importable from the class's module
     assert dp.model_dtype("cuda:1", torch.float16) == (torch.float16, "asked for")
 
 
