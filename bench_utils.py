@@ -264,16 +264,23 @@ def _time_matmul(a: torch.Tensor, b: torch.Tensor, iters: int) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
+def native_cpu_dtype() -> torch.dtype:
+    """The CPU's own reduced precision where it has one (bf16 with AVX-512 BF16 or AMX), else fp32."""
+    from device_policy import cpu_capabilities, cpu_dtype
+
+    return cpu_dtype(cpu_capabilities())[0]
+
+
 def measure_gemm_tflops(device, dtype: torch.dtype = torch.bfloat16, shapes=None,
                         iters: int | None = None) -> GemmMeasurement:
     """Matmul throughput at this model's shapes, measured in this process.
 
-    CUDA: the given dtype, T=16384 tokens, 50 iterations. CPU: fp32, T=1024, 3 iterations (~1 s);
-    labelled as indicative only, it is no GPU floor.
+    CUDA: the given dtype, T=16384 tokens, 50 iterations. CPU: the given dtype where the CPU computes
+    it natively, else fp32; T=1024, 3 iterations (~1 s); labelled as indicative only, no GPU floor.
     """
     cuda = is_cuda(device)
-    if not cuda:
-        dtype = torch.float32  # CPU half-precision matmuls are emulated and say nothing useful
+    if not cuda and dtype != native_cpu_dtype():
+        dtype = torch.float32  # emulated CPU half precision says nothing useful
     # CPU: at T=256 the GEMMs ran at half their rate at T=1024 (35 vs 68 GFLOP/s on 2 cores), which
     # put the setups "under the floor"; T=1024 is the steady rate and takes ~1 s.
     shapes = shapes or model_gemm_shapes(16384 if cuda else 1024)

@@ -26,7 +26,8 @@ import data
 import models
 import packing
 import report as rp
-from dynamic_cross_encoder import device_defaults as class_defaults
+import device_policy
+from device_policy import device_defaults as class_defaults
 
 ORDERS = ("sorted", "unsorted")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -37,7 +38,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # A machine without a GPU runs the full-size model at a few hundred pairs per minute, so the sizes
 # shrink there and the output says so; the packed path's CPU attention materializes a
 # (tokens, tokens) mask, hence the smaller token budget; CPU kernels are not compiled per shape, so
-# one warm-up call suffices; CPU half precision is emulated (slow, and not the reference).
+# one warm-up call suffices; the CPU dtype is device_policy's (bf16 where the CPU has it natively,
+# else fp32: emulated half precision is slow there).
 DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "num_pairs": (1024, 8),
     "runs": (10, 3),
@@ -47,7 +49,7 @@ DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "docs_per_query": (100, 16),
     # the class's own defaults (max-autotune on CUDA: the original's recipe)
     **{k: (class_defaults("cuda")[k], class_defaults("cpu")[k]) for k in ("max_tokens_per_batch", "compile_mode")},
-    "dtype": ("bfloat16", "float32"),
+    "dtype": ("bfloat16", str(class_defaults("cpu")["dtype"]).removeprefix("torch.")),
 }
 SHRUNK = ("num_pairs", "runs", "warmup", "batch_size", "num_queries", "docs_per_query", "max_tokens_per_batch")
 
@@ -65,7 +67,9 @@ class BenchConfig:
         str, "hub id, local dir, 'synthetic[-tiny]' or 'synthetic-<family>[-tiny]' (models.FAMILY_TWINS); "
         "auto: the hub model, else its synthetic twin"))
     device: str = field(default="auto", metadata=_opt(str, "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'"))
-    dtype: str = field(default="auto", metadata=_opt(str, "dtype of the model weights", choices=DTYPES))
+    dtype: str = field(default="auto", metadata=_opt(
+        str, "dtype of the model weights; on a CPU bf16 where it is native (AVX-512 BF16 or AMX), else float32 "
+             f"(here: {device_policy.model_dtype('cpu')[1]})", choices=DTYPES))
     batch_size: int | None = field(default=None, metadata=_opt(int, "pairs per predict batch"))
     num_pairs: int | None = field(default=None, metadata=_opt(int, "pairs per timed run (pairs workload)"))
     runs: int | None = field(default=None, metadata=_opt(int, "timed runs; mean +- std over the last 5"))
@@ -245,16 +249,18 @@ def last_call_breakdown(timings) -> dict:
 
 @dataclass
 class Setup:
-    """One row of the table: how to build the model and how to call it on a workload."""
+    """One row of the table: how to build the model and how to call it on a workload. A row that
+    cannot run here (`unavailable`: why, and how to add it) is named in the report's notes."""
 
     name: str
-    build: Callable[[], Any]  # -> model
-    describe: Callable[[Any], str]
+    build: Callable[[], Any] | None  # -> model
+    describe: Callable[[Any], str] | None
     compiled: bool = False
     baseline: bool = False
+    unavailable: str | None = None
 
 
-def baseline_setup(cfg: BenchConfig, path, dtype) -> Setup:
+def baseline_setup(cfg: BenchConfig, path, dtype, name: str = "CrossEncoder (baseline)", baseline: bool = True) -> Setup:
     holder = {}
 
     def build():
@@ -262,8 +268,8 @@ def baseline_setup(cfg: BenchConfig, path, dtype) -> Setup:
         holder["attention"] = attention
         return model
 
-    return Setup("CrossEncoder (baseline)", build,
-                 lambda m: f"sentence-transformers CrossEncoder, attention: {holder['attention']}", baseline=True)
+    return Setup(name, build, lambda m: f"sentence-transformers CrossEncoder, {str(dtype).removeprefix('torch.')}, "
+                                        f"attention: {holder['attention']}", baseline=baseline)
 
 
 def dynamic_setup(cfg: BenchConfig, path, dtype, *, packed: bool) -> Setup:
@@ -276,6 +282,37 @@ def dynamic_setup(cfg: BenchConfig, path, dtype, *, packed: bool) -> Setup:
 
     name = "DynamicCrossEncoder packed" if packed else "DynamicCrossEncoder (x16 buckets)"
     return Setup(name, build, lambda m: m.describe(), compiled=True)
+
+
+OPENVINO = "CrossEncoder (OpenVINO)"
+OPENVINO_INSTALL = ("optimum-intel is not installed; add this row with pip install 'optimum-intel[openvino]' "
+                    "(it moves torch and transformers to other versions: a separate venv keeps this one)")
+
+
+def openvino_setups(cfg: BenchConfig, path) -> list[Setup]:
+    """The CPU runtime a user would pick instead of torch, as a peer row: CrossEncoder on OpenVINO
+    (optimum-intel) at its default precision (bf16 where the CPU has it); [] on CUDA."""
+    if bu.is_cuda(cfg.device):
+        return []
+    try:
+        import openvino
+        import optimum.intel  # noqa: F401  (the backend CrossEncoder loads)
+    except ImportError:
+        return [Setup(OPENVINO, None, None, unavailable=OPENVINO_INSTALL)]
+    from dynamic_cross_encoder import checkpoint_dir
+    from sentence_transformers import CrossEncoder
+
+    def build():  # jina's layout converted to native XLM-R first, as DynamicCrossEncoder loads it
+        return CrossEncoder(checkpoint_dir(path), backend="openvino", device="cpu", max_length=cfg.max_length)
+
+    def describe(model) -> str:  # optimum-intel's `request` is the compiled model (the precision it runs in)
+        compiled = getattr(model[0].auto_model, "request", None)
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT") if compiled is not None else None
+        precision = hint.to_string() if hint is not None else "default"  # e.g. "bf16"
+        version = openvino.__version__.split("-")[0]  # "2026.4.1-22982-<hash>-releases/2026/4"
+        return f"sentence-transformers CrossEncoder, backend openvino {version}, precision {precision}"
+
+    return [Setup(OPENVINO, build, describe)]
 
 
 @dataclass
@@ -346,6 +383,8 @@ def prepare(cfg: BenchConfig, notes, title: str) -> Prepared:
     if models.is_synthetic(path):
         report.notes.append("random weights: timings are valid, scores are not meaningful "
                             "(the differences between setups still are)")
+    if not bu.is_cuda(cfg.device):  # before the GEMM rate is measured: it runs on these threads
+        report.notes.append(f"CPU: {device_policy.describe_cpu()}; {device_policy.match_cpu_threads()}")
     report.compute = bu.compute_floor(report.workload.flops, bu.measure_gemm_tflops(cfg.device, cfg.torch_dtype))
     print(f"model: {report.model_source}")
     print(f"compute floor: {report.compute.floor_s:.4f} s per call ({report.compute.label}, "
@@ -409,16 +448,27 @@ def score_checks(runs: dict[str, bu.RunResult], reference: dict | None, orders) 
     return out
 
 
-def fp32_check(prep: Prepared, first_scores: dict) -> None:
-    """--check-fp32: the baseline in fp32 on the first timed workload of the last order, against every setup."""
-    cfg = prep.cfg
-    print("\n== fp32 reference (CrossEncoder, float32)")
-    model, _ = models.load_baseline(prep.path, device=cfg.device, dtype=torch.float32, max_length=cfg.max_length)
-    ref = np.ravel(call(model, prep.workloads[prep.orders[-1]][0], cfg.batch_size))
-    for setup in prep.report.setups:
-        diff = bu.score_diff(np.ravel(first_scores[setup.name]), ref)
+def fp32_check(prep: Prepared, first_scores: dict, reference: dict | None) -> None:
+    """--check-fp32: every setup's scores on the first timed workload of the last order against
+    CrossEncoder fp32, which a CPU run in another dtype times as a row (each row's fp32 speedup; on
+    a GPU one untimed call: fp32 there is no contender, and the GPU check's time is short)."""
+    cfg, setups = prep.cfg, prep.report.setups
+    if cfg.dtype == "float32" and (base := prep.report.baseline()) is not None and base.baseline:
+        ref, ref_row = first_scores[base.name], None
+    elif bu.is_cuda(cfg.device):
+        model, _ = models.load_baseline(prep.path, device=cfg.device, dtype=torch.float32, max_length=cfg.max_length)
+        ref, ref_row = np.ravel(call(model, prep.workloads[prep.orders[-1]][0], cfg.batch_size)), None
+        del model
+    else:
+        setup = baseline_setup(cfg, prep.path, torch.float32, name="CrossEncoder fp32 (reference)", baseline=False)
+        ref = np.ravel(time_setup(prep, setup, reference)[prep.orders[-1]].outputs[0])
+        ref_row = setups[-1]
+        first_scores[setup.name] = ref
+    for setup in setups:
+        diff = bu.score_diff(np.ravel(first_scores[setup.name]), np.ravel(ref))
         setup.fp32_max_abs_diff, setup.fp32_mean_abs_diff = diff.max_abs, diff.mean_abs
-    del model
+        if ref_row is not None and ref_row.time_s and setup.time_s:
+            setup.fp32_speedup = ref_row.time_s / setup.time_s
 
 
 def emit(report: rp.Report, cfg: BenchConfig) -> None:
@@ -443,6 +493,10 @@ def run(cfg: BenchConfig, setups_for: Callable[[BenchConfig, str, torch.dtype], 
     first_scores = {}  # setup name -> scores on the first timed workload of the last order
     try:
         for setup in setups_for(cfg, prep.path, cfg.torch_dtype):
+            if setup.unavailable:
+                print(f"\n== {setup.name}: not run ({setup.unavailable})")
+                prep.report.notes.append(f"{setup.name} not run: {setup.unavailable}")
+                continue
             runs = time_setup(prep, setup, reference)
             if setup.baseline:
                 reference = {o: runs[o].outputs for o in prep.orders}
@@ -450,7 +504,7 @@ def run(cfg: BenchConfig, setups_for: Callable[[BenchConfig, str, torch.dtype], 
             if cfg.json:  # an interrupted run still leaves a file
                 rp.write_json(prep.report, cfg.json)
         if cfg.check_fp32:
-            fp32_check(prep, first_scores)
+            fp32_check(prep, first_scores, reference)
         prep.report.complete = True
     except KeyboardInterrupt:
         prep.report.notes.append("interrupted: the setups and runs finished before Ctrl-C are kept")

@@ -40,6 +40,7 @@ from compiled import (  # noqa: F401  (compile_count, cudagraph_skips: imported 
     uses_cuda_graphs,
 )
 from families import default_position_offset, family_of, packed_logits, padded_logits, uses_token_types
+from device_policy import compile_kwargs, device_defaults, model_dtype  # device_defaults: imported from here too
 from pair_tokenizer import PairTokenizer, Ragged, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
@@ -48,7 +49,6 @@ from packing import (
     bucket_length,
     choose_attention_backend,
     chunk_bounds,
-    is_cuda,
     pack_batch,
     plan_token_batches,
     position_limit,
@@ -58,18 +58,6 @@ from packing import (
 from models import checkpoint_dir
 
 
-def device_defaults(device) -> dict:
-    """The class's device-dependent defaults, in one place (the benchmark prints them)."""
-    cuda = is_cuda(device)
-    return {
-        # max-autotune: the original's choice on CUDA; inductor's CPU autotuning only costs time
-        "compile_mode": "max-autotune" if cuda else "default",
-        # the packed CPU attention builds a (tokens, tokens) mask: small budgets there
-        "max_tokens_per_batch": 16384 if cuda else 2048,
-        # transformers 5 loads the config's dtype ("auto", bf16 for jina); on the CPU that is slow
-        # and not the reference, so float32 there
-        "dtype": "auto" if cuda else torch.float32,
-    }
 
 
 class DynamicCrossEncoder(CrossEncoder):
@@ -90,7 +78,8 @@ class DynamicCrossEncoder(CrossEncoder):
         attention_backend: packed path backend name (packing.ATTENTION_BACKENDS); default: the fastest
             one for the device and dtype (`describe()` says which and why).
         **kwargs: CrossEncoder arguments (device, max_length, model_kwargs, ...). dtype defaults to the
-            model config's on CUDA (bf16 for jina) and float32 on CPU; override with model_kwargs={"dtype": ...}.
+            model config's on CUDA (bf16 for jina); on CPU to bf16 where the CPU has native bf16
+            (AVX-512 BF16 or AMX), else float32 (device_policy.py); override with model_kwargs={"dtype": ...}.
 
     One instance is safe to share between threads: every call that runs the model is made by one
     worker thread the instance owns (inductor's CUDA graphs are per thread), one call at a time, and
@@ -109,7 +98,8 @@ class DynamicCrossEncoder(CrossEncoder):
         for name, value in ((k, v) for k, v in checked.items() if v is not None):
             _check_int(name, value)
         kwargs["device"] = str(device)
-        model_kwargs = {"dtype": defaults["dtype"], **(kwargs.pop("model_kwargs", None) or {})}
+        model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
+        model_kwargs["dtype"], dtype_reason = model_dtype(device, model_kwargs.get("dtype"))
         path = checkpoint_dir(model_name_or_path, local_files_only=kwargs.get("local_files_only", False))
         super().__init__(path, model_kwargs=model_kwargs, **kwargs)
         self.eval()
@@ -118,6 +108,7 @@ class DynamicCrossEncoder(CrossEncoder):
         self._token_types = uses_token_types(self)
         self._check_max_length(kwargs.get("max_length"))
 
+        self.dtype_reason = dtype_reason  # describe() says it beside the dtype
         self.bucket_multiple = bucket_multiple
         self.max_tokens_per_batch = max_tokens_per_batch
         self.compile_enabled = compile
@@ -163,7 +154,8 @@ class DynamicCrossEncoder(CrossEncoder):
         else:
             self.attention_backend, self.attention_reason = self.model.config._attn_implementation, "the model's own"
             fn = self._padded_logits
-        self._logits = torch.compile(own_code(fn), mode=self.compile_mode, dynamic=self.dynamic) if self.compile_enabled else fn
+        self._logits = (torch.compile(own_code(fn), **compile_kwargs(self.device.type, self.compile_mode, self.dynamic))
+                        if self.compile_enabled else fn)
 
     @property
     def position_limit(self) -> int:
@@ -198,7 +190,7 @@ class DynamicCrossEncoder(CrossEncoder):
             path = f"padded to x{self.bucket_multiple}, {self.attention_backend}"
             if self.packed_reason:
                 path += f" (no packed path: {self.packed_reason})"
-        dtype = str(self.model.dtype).removeprefix("torch.")
+        dtype = f"{str(self.model.dtype).removeprefix('torch.')} ({self.dtype_reason})"
         reads = {"first": "token 0", "last": "the last token", "last_non_pad": "the last non-pad token",
                  "mean": "the mean of the tokens"}[self._pool]
         family = f"{self.family.name}, head reads {reads}" + (", token types" if self._token_types else "")

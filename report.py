@@ -72,6 +72,7 @@ class SetupResult:
     top10_overlap: float | None = _measured()
     fp32_max_abs_diff: float | None = _measured()
     fp32_mean_abs_diff: float | None = _measured()
+    fp32_speedup: float | None = _measured()  # the fp32 reference's time / this time (--check-fp32)
     host_s: float | None = _measured()
     forward_s: float | None = _measured()
     padding_efficiency: float | None = _measured()
@@ -172,6 +173,8 @@ LATENCY_COLUMNS.append(Column("queries/s", "queries_per_s", ",.1f", "queries ove
 COLUMNS = [
     Column("max |score diff|", "max_abs_diff", ".1e", "max |score - baseline's score| over every timed workload"),
     Column("vs fp32", "fp32_max_abs_diff", ".1e", "max |score - fp32 baseline's score| on the first timed workload"),
+    Column("fp32 speedup", "fp32_speedup", ".2f", "time of CrossEncoder fp32 (reference) / this time, where the "
+           "run's dtype is not fp32", suffix="x"),
     Column("tau", "kendall_tau", ".4f", "Kendall tau of each query's ranking vs the baseline's, mean over queries"),
     Column("top-10", "top10_overlap", ".2f", "share of the baseline's top 10 documents in this top 10, mean over "
            "queries"),

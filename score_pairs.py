@@ -103,7 +103,7 @@ class Scorer:
         if threads:  # a CPU worker owns one slot; more threads would fight the other workers
             torch.set_num_threads(threads)
         path = cfg.model_path if os.path.isdir(cfg.model_path) else models.resolve_model(cfg.model)
-        from benchmark import DEVICE_DEFAULTS  # the scripts' one dtype policy: bf16 on CUDA, fp32 on CPU
+        from benchmark import DEVICE_DEFAULTS  # the scripts' one dtype policy: bf16 on CUDA and on CPUs with native bf16
 
         auto = DEVICE_DEFAULTS["dtype"][0 if cfg.device.startswith("cuda") else 1]
         dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--address", default=None, help="ray: join a running cluster (host:port); default: start one on this machine")
     add("--model", default="auto", help="'auto' (default), hub id, local dir, 'synthetic[-tiny]' or 'synthetic-<family>[-tiny]'")
     add("--device", default="auto", help="'auto' (default: cuda if available), 'cuda', 'cuda:N' (local engine) or 'cpu'")
-    add("--dtype", default="auto", choices=DTYPES, help="'auto' (default) = bfloat16 on CUDA, float32 on CPU")
+    add("--dtype", default="auto", choices=DTYPES, help="'auto' (default) = bfloat16 on CUDA; on a CPU bfloat16 "
+        "where it is native (AVX-512 BF16 or AMX), else float32")
     add("--batch-size", type=int, default=64, help="pairs per predict batch (default: 64)")
     add("--max-length", type=int, default=512, help="truncate each pair to this many tokens (default: 512)")
     add("--packed", action="store_true", help="padding-free packed batches")

@@ -6,6 +6,9 @@ import torch
 import data
 
 IDENTITY = torch.nn.Identity()  # compare logits: sigmoid would squash differences
+# The reference dtype, asked for by name: on a CPU with native bf16 the default dtype is bf16
+# (device_policy.py), which the exact comparisons below are not about.
+FP32 = {"dtype": torch.float32}
 TOL = 1e-5  # fp32, same weights: only summation order differs (~1e-6 seen)
 LONG_TEXT = " ".join(data.SENTENCES[:120])  # ~1300 tokens: truncated at any max_length here
 

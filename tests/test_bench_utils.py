@@ -197,8 +197,9 @@ def test_gemm_rate_and_compute_floor(monkeypatch):
 
     monkeypatch.setattr(bu, "_time_matmul", one_ms_per_matmul)
     monkeypatch.setattr(bu.torch, "randn", lambda *shape, **kw: torch.empty(*shape, dtype=kw["dtype"], device="meta"))
+    monkeypatch.setattr(bu, "native_cpu_dtype", lambda: torch.float32)
     g = bu.measure_gemm_tflops("cpu", torch.bfloat16)
-    # CPU: fp32 (half precision is emulated there), T=1024, 3 iterations; qkv, out, MLP up, MLP down
+    # CPU without native bf16: fp32 (bf16 is emulated there), T=1024, 3 iterations; qkv, out, MLP up, MLP down
     assert timed == [((1024, 768), 2304, torch.float32, 3), ((1024, 768), 768, torch.float32, 3),
                      ((1024, 768), 3072, torch.float32, 3), ((1024, 3072), 768, torch.float32, 3)]
     # 2 * 1024 * 768 * (2304 + 768 + 3072 + 3072) FLOPs in 4 ms
@@ -206,6 +207,11 @@ def test_gemm_rate_and_compute_floor(monkeypatch):
     assert g.shapes[0] == bu.GemmShape(1024, 768, 2304, 3_623_878_656.0, 1e-3, pytest.approx(3.623878656))
     assert (g.device, g.dtype, g.iters) == ("cpu", "float32", 3)
     assert g.label == "CPU float32 GEMM at T=1024 (indicative only, not a GPU floor)"
+    monkeypatch.setattr(bu, "native_cpu_dtype", lambda: torch.bfloat16)  # AVX-512 BF16 or AMX: measured in bf16
+    timed.clear()
+    assert bu.measure_gemm_tflops("cpu", torch.bfloat16).dtype == "bfloat16"
+    assert {dtype for *_, dtype, _ in timed} == {torch.bfloat16}
+    assert bu.measure_gemm_tflops("cpu", torch.float16).dtype == "float32"
     gemm = bu.GemmMeasurement("cpu", "float32", 3, [], 2.0, "x")  # the floor: 1 TFLOP at 2 TFLOP/s
     assert bu.compute_floor(1e12, gemm) == bu.Compute(gemm=gemm, tflops=2.0, flops=1e12, floor_s=0.5, label="x")
     assert bu.floor_seconds(34.7e12, 590.0) == pytest.approx(0.0588, rel=1e-3)  # DESIGN.md's H200 floor

@@ -19,7 +19,7 @@ import data
 from dynamic_cross_encoder import DynamicCrossEncoder
 from packing import PaddedBatch, bucket_length, plan_token_batches, token_buckets
 
-from helpers import IDENTITY, TOL, assert_same_logits, spy_logits, workload
+from helpers import FP32, IDENTITY, TOL, assert_same_logits, spy_logits, workload
 
 
 def padded(ragged, pad_id):
@@ -30,12 +30,12 @@ def padded(ragged, pad_id):
 
 @pytest.fixture(scope="module")
 def eager(tiny_model_dir):
-    return DynamicCrossEncoder(tiny_model_dir, compile=False, device="cpu", local_files_only=True)
+    return DynamicCrossEncoder(tiny_model_dir, compile=False, device="cpu", local_files_only=True, model_kwargs=FP32)
 
 
 @pytest.fixture(scope="module")
 def compiled(tiny_model_dir):
-    return DynamicCrossEncoder(tiny_model_dir, compile=True, device="cpu", local_files_only=True)
+    return DynamicCrossEncoder(tiny_model_dir, compile=True, device="cpu", local_files_only=True, model_kwargs=FP32)
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,11 @@ import packing
 from dynamic_cross_encoder import DynamicCrossEncoder, compile_count, uses_cuda_graphs
 from packing import attention_backends, choose_attention_backend
 
-from helpers import IDENTITY, assert_same_logits, cuda_default_problems, reference_attention, workload
+from helpers import FP32, IDENTITY, assert_same_logits, cuda_default_problems, reference_attention, workload
 
 
 def load(path, **kwargs):
-    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, **kwargs)
+    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -401,7 +401,8 @@ def test_dynamic_cross_encoder_converts_jina_checkpoints(tiny_model_dir, tiny_cr
 
     jina_dir = write_jina_checkpoint(tiny_model_dir, tmp_path / "jina")
     for packed in (False, True):
-        model = DynamicCrossEncoder(jina_dir, device="cpu", compile=False, packed=packed)
+        model = DynamicCrossEncoder(jina_dir, device="cpu", compile=False, packed=packed,
+                                    model_kwargs={"dtype": torch.float32})
         assert model.model.config.model_type == "xlm-roberta" and model.packed is packed
         # fp32, same weights under other names: only summation order differs
         np.testing.assert_allclose(model.predict(PAIRS), tiny_cross_encoder.predict(PAIRS), atol=1e-6)

@@ -17,7 +17,7 @@ import data
 from dynamic_cross_encoder import DynamicCrossEncoder, compile_count
 from packing import ATTENTION_BACKENDS, attention_backends, pack_batch
 
-from helpers import EDGE_PAIRS, IDENTITY, LONG_TEXT, TOL, assert_same_logits, reference_attention, spy_logits, workload
+from helpers import EDGE_PAIRS, FP32, IDENTITY, LONG_TEXT, TOL, assert_same_logits, reference_attention, spy_logits, workload
 
 CPU_BACKENDS = [name for name, _ in attention_backends("cpu", torch.float32)]
 
@@ -31,7 +31,7 @@ def packed_model(tiny_model_dir):
         key = (backend, compile, tuple(sorted(kwargs.items())))
         if key not in cache:
             cache[key] = DynamicCrossEncoder(tiny_model_dir, packed=True, compile=compile, attention_backend=backend,
-                                             device="cpu", local_files_only=True, **kwargs)
+                                             device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
         return cache[key]
 
     return get
@@ -240,7 +240,7 @@ def fresh_workloads():
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
     model = DynamicCrossEncoder(tiny_model_dir, packed=packed, compile=True, max_tokens_per_batch=512,
-                                device="cpu", local_files_only=True)
+                                device="cpu", local_files_only=True, model_kwargs=FP32)
     seconds = model.warmup(batch_size=8)
     assert seconds > 0 and model.compile_seconds == seconds
     before, own = compile_count(), model.compiles
@@ -258,7 +258,8 @@ def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
 @pytest.fixture(scope="module")
 def static_model(tiny_model_dir):
     """Static graphs: one per (batch, width); warm-up compiles every width at its batch size."""
-    return DynamicCrossEncoder(tiny_model_dir, compile=True, dynamic=False, max_length=64, device="cpu", local_files_only=True)
+    return DynamicCrossEncoder(tiny_model_dir, compile=True, dynamic=False, max_length=64, device="cpu", local_files_only=True,
+                               model_kwargs=FP32)
 
 
 SHORT = [["lorem", "ipsum"]] * 4  # one (4, 16) batch

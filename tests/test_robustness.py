@@ -18,13 +18,13 @@ from sentence_transformers import CrossEncoder
 import data
 from dynamic_cross_encoder import DynamicCrossEncoder
 
-from helpers import IDENTITY, TOL, assert_same_logits, spy_logits
+from helpers import FP32, IDENTITY, TOL, assert_same_logits, spy_logits
 
 SMALL_MAX_LENGTH = 64  # keeps the property-based test fast; texts go well past it
 
 
 def load(path, **kwargs):
-    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, **kwargs)
+    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,16 @@ import torch
 import benchmark
 import data
 import report as rp
+from device_policy import cpu_capabilities, cpu_dtype
 import run_basic
 import run_combined
 import run_torch_compile
 from bench_helpers import table_rows, text_row_cells
 
 ROOT = Path(__file__).resolve().parent.parent
+# fp32 asked for: these runs check the exact path (the CPU default is bf16 where the CPU has it)
 SMALL = ["--model", "synthetic-tiny", "--device", "cpu", "--num-pairs", "12", "--runs", "2", "--warmup", "1",
-         "--batch-size", "4", "--quiet"]
+         "--batch-size", "4", "--dtype", "float32", "--quiet"]
 SETUPS = ["CrossEncoder (baseline)", "DynamicCrossEncoder (x16 buckets)", "DynamicCrossEncoder packed"]
 
 
@@ -98,7 +100,7 @@ def test_markdown_regenerates_from_json(combined):
 def test_basic_and_torch_compile_scripts(tiny_model_dir, tmp_path):
     basic = run_basic.main(SMALL + ["--order", "sorted", "--json", str(tmp_path / "b.json")])
     assert [s.name for s in basic.setups] == ["CrossEncoder (baseline)"]
-    assert basic.setups[0].attention == "sentence-transformers CrossEncoder, attention: sdpa"
+    assert basic.setups[0].attention == "sentence-transformers CrossEncoder, float32, attention: sdpa"
     assert basic.setups[0].unsorted is None and len(basic.setups[0].sorted.times) == 2
     packed = run_torch_compile.main(SMALL + ["--order", "unsorted", "--packed"])
     assert [s.name for s in packed.setups] == ["CrossEncoder (baseline)", "DynamicCrossEncoder packed"]
@@ -191,15 +193,16 @@ def test_broken_pairs_file_names_line_2_before_loading_a_model(tmp_path, capsys,
 # ---------------------------------------------------------------- configuration and --help
 
 
+CPU_DTYPE = str(cpu_dtype(cpu_capabilities())[0]).removeprefix("torch.")  # the policy itself: test_device_policy.py
 CPU = {"num_pairs": 8, "runs": 3, "warmup": 1, "batch_size": 8, "num_queries": 4, "docs_per_query": 16,
-       "max_tokens_per_batch": 2048, "dtype": "float32", "compile_mode": "default"}
+       "max_tokens_per_batch": 2048, "dtype": CPU_DTYPE, "compile_mode": "default"}
 CUDA = {"num_pairs": 1024, "runs": 10, "warmup": 10, "batch_size": 64, "num_queries": 100, "docs_per_query": 100,
         "max_tokens_per_batch": 16384, "dtype": "bfloat16", "compile_mode": "max-autotune"}
 
 
 def test_config_resolves_the_device_defaults_once(monkeypatch):
     cfg = benchmark.BenchConfig(device="cpu")
-    assert {k: getattr(cfg, k) for k in CPU} == CPU and cfg.torch_dtype == torch.float32
+    assert {k: getattr(cfg, k) for k in CPU} == CPU and cfg.torch_dtype == getattr(torch, CPU_DTYPE)
     assert benchmark.BenchConfig(device="cpu", batch_size=32, dtype="bfloat16").batch_size == 32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = benchmark.BenchConfig()  # auto -> cuda
@@ -356,7 +359,9 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path, tiny_model_dir):
     assert step_exits(log) == {"combined-pairs": 0, "combined-rerank": 0}
     for name in ("combined-pairs", "combined-rerank"):
         report = json.loads((out / f"{name}.json").read_text())
-        assert report["complete"] and len(report["setups"]) == 3
+        # a CPU run in bf16 (the default where the CPU has it) times its fp32 reference as a row
+        timed_fp32 = name == "combined-pairs" and report["config"]["dtype"] != "float32"
+        assert report["complete"] and len(report["setups"]) == 3 + timed_fp32
     assert log.count("| DynamicCrossEncoder packed |") == 2  # each step's markdown table
 
 
