@@ -39,17 +39,17 @@ from compiled import (  # noqa: F401  (compile_count, cudagraph_skips: imported 
     timing_event,
     uses_cuda_graphs,
 )
-from families import default_position_offset, family_of, packed_logits, padded_logits, uses_token_types
+from families import default_position_offset, describe_family, family_of, packed_logits, padded_logits, uses_token_types
 from device_policy import compile_kwargs, device_defaults, model_dtype  # device_defaults: imported from here too
-from pair_tokenizer import PairTokenizer, Ragged, validate_pairs
+from pair_tokenizer import PairTokenizer, Ragged, chunk_bounds, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
     TOKEN_MULTIPLE,
     PaddedBatch,
     bucket_length,
     choose_attention_backend,
-    chunk_bounds,
     pack_batch,
+    packed_attention_on,
     plan_token_batches,
     position_limit,
     register_library_attention,
@@ -191,9 +191,7 @@ class DynamicCrossEncoder(CrossEncoder):
             if self.packed_reason:
                 path += f" (no packed path: {self.packed_reason})"
         dtype = f"{str(self.model.dtype).removeprefix('torch.')} ({self.dtype_reason})"
-        reads = {"first": "token 0", "last": "the last token", "last_non_pad": "the last non-pad token",
-                 "mean": "the mean of the tokens"}[self._pool]
-        family = f"{self.family.name}, head reads {reads}" + (", token types" if self._token_types else "")
+        family = describe_family(self.family, self._pool, self._token_types)
         return f"DynamicCrossEncoder({family}; {path}; {how}; {dtype}; host: {self._pair_tokenizer().describe()})"
 
     # --- the compiled boundary: what it returns may live in CUDA-graph memory (see _run_batch) ----
@@ -206,21 +204,6 @@ class DynamicCrossEncoder(CrossEncoder):
         # tail is shorter than TOKEN_MULTIPLE, so this bound covers it as well as every real pair.
         max_seqlen = max(self.max_seq_length, TOKEN_MULTIPLE)
         return packed_logits(self, self.family, self._pool, self._token_types, max_seqlen, *args)
-
-    @contextlib.contextmanager
-    def _attention_for(self, batch_is_packed: bool):
-        """Packed calls run the model's code with the registered packed attention; the setting is
-        restored after, so CrossEncoder's own predict (prompts, pools) keeps the model's attention."""
-        if not batch_is_packed:
-            yield
-            return
-        config = self.model.config
-        before = config._attn_implementation
-        config._attn_implementation = f"fast_rerank_{self.attention_backend}"
-        try:
-            yield
-        finally:
-            config._attn_implementation = before
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -461,7 +444,7 @@ class DynamicCrossEncoder(CrossEncoder):
         if self._host_only:  # host_seconds(): everything but the forward
             out = torch.zeros(batch.num_seqs, self.num_labels, device=self._dev)
         else:
-            with self._static_graph_limit(), self._attention_for(self.packed):
+            with self._static_graph_limit(), packed_attention_on(self.model.config, self.attention_backend, self.packed):
                 out = self._logits(*args)
         # Copied here, outside the compiled function and before the next launch: under CUDA graphs
         # `out` is the graph's static output, which the next replay overwrites (a clone made inside

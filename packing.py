@@ -13,6 +13,7 @@ models) so each piece is tested on its own, on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,19 +87,6 @@ def plan_token_batches(lengths, max_tokens: int, max_seqs: int) -> list[tuple[in
     if start < len(lengths):
         batches.append((start, len(lengths)))
     return batches
-
-
-def chunk_bounds(n: int, batch_size: int, first: int = 256, largest: int = 4096) -> list[tuple[int, int]]:
-    """[lo, hi) chunks of a call's n pairs, tokenized one ahead of the one being launched. The first is
-    small so the GPU starts early; each next one doubles up to `largest`, which keeps the tokenizer's
-    threads busy (a parallel encode of a few dozen pairs leaves cores idle). Sizes are multiples of
-    batch_size, so only the call's last batch can be short."""
-    size, cap = (-(-x // batch_size) * batch_size for x in (first, largest))
-    bounds, lo = [], 0
-    while lo < n:
-        bounds.append((lo, min(n, lo + size)))
-        lo, size = lo + size, min(cap, 2 * size)
-    return bounds
 
 
 # ---- one type per batch layout ----------------------------------------------------------------
@@ -469,6 +457,21 @@ def library_attention(backend: str):
         return out[None], None  # (1, tokens, heads, dim), no attention weights
 
     return attention
+
+
+@contextlib.contextmanager
+def packed_attention_on(config, backend: str, packed: bool = True):
+    """Packed calls run the model's code with the registered packed attention; the setting is restored
+    after, so CrossEncoder's own predict (prompts, pools) keeps the model's own attention."""
+    if not packed:
+        yield
+        return
+    before = config._attn_implementation
+    config._attn_implementation = f"fast_rerank_{backend}"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def register_library_attention() -> None:

@@ -104,6 +104,19 @@ PROBE_PAIRS = [("", ""), ("lorem ipsum", ""), ("", "dolor"), ("Καλημέρα 
                ("consectetur adipiscing " * 300, "elit sed do " * 500)]
 
 
+def chunk_bounds(n: int, batch_size: int, first: int = 256, largest: int = 4096) -> list[tuple[int, int]]:
+    """[lo, hi) chunks of a call's n pairs, tokenized one ahead of the one being launched. The first is
+    small so the GPU starts early; each next one doubles up to `largest`, which keeps the tokenizer's
+    threads busy (a parallel encode of a few dozen pairs leaves cores idle). Sizes are multiples of
+    batch_size, so only the call's last batch can be short."""
+    size, cap = (-(-x // batch_size) * batch_size for x in (first, largest))
+    bounds, lo = [], 0
+    while lo < n:
+        bounds.append((lo, min(n, lo + size)))
+        lo, size = lo + size, min(cap, 2 * size)
+    return bounds
+
+
 class PairTokenizer:
     """encode(pairs) -> Ragged token ids (and token types where the model takes them), as
     `tokenizer(a, b, truncation="longest_first", max_length=max_length)` gives them, or as `reference`

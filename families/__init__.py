@@ -93,6 +93,12 @@ def family_of(ce) -> Family:
     return family
 
 
+def describe_family(family: Family, pool: str, token_types: bool) -> str:
+    reads = {"first": "token 0", "last": "the last token", "last_non_pad": "the last non-pad token",
+             "mean": "the mean of the tokens"}[pool]
+    return f"{family.name}, head reads {reads}" + (", token types" if token_types else "")
+
+
 def uses_token_types(ce) -> bool:
     """True when CrossEncoder feeds token_type_ids to the model (the tokenizer returns them and the
     model has more than one type): BERT, ELECTRA; dropping them changes every score."""
