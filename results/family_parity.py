@@ -36,7 +36,8 @@ def main(out: str) -> None:
             for compile in (False, True):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    model = DynamicCrossEncoder(path, device="cpu", local_files_only=True, packed=packed, compile=compile)
+                    model = DynamicCrossEncoder(path, device="cpu", local_files_only=True, packed=packed, compile=compile,
+                                               model_kwargs={"dtype": torch.float32})
                 out_ = model.predict(pairs, activation_fn=IDENTITY, batch_size=8)
                 key = f"{'packed' if model.packed else 'padded'}-{'compiled' if compile else 'eager'}"
                 row["diff"][key] = float(np.abs(out_ - ref).max())

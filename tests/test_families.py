@@ -16,7 +16,7 @@ import twins
 from dynamic_cross_encoder import DynamicCrossEncoder
 from families import UnsupportedModelError, family_of
 
-from helpers import EDGE_PAIRS, IDENTITY, LONG_TEXT, TOL, assert_same_logits
+from helpers import EDGE_PAIRS, FP32, IDENTITY, LONG_TEXT, TOL, assert_same_logits
 
 FAMILIES = [f for f in twins.FAMILY_TWINS if f != "xlm-roberta"]  # xlm-roberta: tests/test_packed.py and others
 PADDED_ONLY = {"deberta-v2": "relative attention"}
@@ -55,7 +55,8 @@ def reference(family: str, pairs):
 
 
 def load(path, **kwargs):
-    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, **kwargs)
+    # fp32: the reference's precision (the CPU default may be bf16, tests/test_device_policy.py)
+    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
