@@ -45,8 +45,9 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / f"server-{self.port}.log"
+        # fp32 as the in-process reference below (the CPU default may be bf16: device_policy.py)
         argv = [sys.executable, str(ROOT / "serve.py"), "--model", model_dir, "--device", "cpu", "--no-compile",
-                "--port", str(self.port), "--log-level", "warning", "--threads", "1", *flags]
+                "--dtype", "float32", "--port", str(self.port), "--log-level", "warning", "--threads", "1", *flags]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + STARTUP_S
