@@ -48,7 +48,7 @@ DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "num_queries": (100, 4),
     "docs_per_query": (100, 16),
     # the class's own defaults (max-autotune on CUDA: the original's recipe)
-    **{k: (class_defaults("cuda")[k], class_defaults("cpu")[k]) for k in ("max_tokens_per_batch", "compile_mode")},
+    **{k: (class_defaults("cuda")[k], class_defaults("cpu")[k]) for k in ("max_tokens_per_batch", "compile_mode", "packed")},
     "dtype": ("bfloat16", str(class_defaults("cpu")["dtype"]).removeprefix("torch.")),
 }
 SHRUNK = ("num_pairs", "runs", "warmup", "batch_size", "num_queries", "docs_per_query", "max_tokens_per_batch")
@@ -86,7 +86,8 @@ class BenchConfig:
     docs_per_query: int | None = field(default=None, metadata=_opt(int, "documents per query (rerank workload)"))
     pairs_file: str | None = field(default=None, metadata=_opt(
         str, "your own pairs (.jsonl with query/document, .tsv or .parquet) instead of random ones"))
-    packed: bool = field(default=False, metadata=_opt(bool, "padding-free packed batches"))
+    packed: bool | None = field(default=None, metadata=_opt(bool, "padding-free packed batches (run_torch_compile.py, "
+                                                                   "serve.py); --no-packed: x16 buckets"))
     max_tokens_per_batch: int | None = field(default=None, metadata=_opt(int, "token budget per packed batch"))
     check_fp32: bool = field(default=False, metadata=_opt(bool, "also compare scores against an fp32 reference"))
     json: str | None = field(default=None, metadata=_opt(
@@ -156,7 +157,10 @@ def parser(description: str, exclude=()) -> argparse.ArgumentParser:
         if f.name in exclude:
             continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if meta["type"] is bool:
+        if meta["type"] is bool and f.name in DEVICE_DEFAULTS:  # on or off, else the device's
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=meta["help"] + _default_text(f))
+        elif meta["type"] is bool:
             p.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
         else:
             p.add_argument(flag, dest=f.name, type=meta["type"], default=f.default, choices=meta.get("choices"),

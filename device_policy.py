@@ -9,6 +9,7 @@ reference). A dtype the caller names always wins.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -101,8 +102,14 @@ def device_defaults(device) -> dict:
     return {
         # max-autotune: the original's choice on CUDA; inductor's CPU autotuning only costs time
         "compile_mode": "max-autotune" if cuda else "default",
-        # the packed CPU attention builds a (tokens, tokens) mask: small budgets there
-        "max_tokens_per_batch": 16384 if cuda else 2048,
+        # CPU: the default batch (8 pairs) at max_length 512 is never cut by the budget (a cut adds a
+        # batch, and each batch's fixed cost shows on a small model)
+        "max_tokens_per_batch": 16384 if cuda else 4096,
+        # CPU: the packed path. On the CPU bucket padding does not beat the baseline (README command
+        # 1, the full-size twin: bucketed 0.95x, packed 1.20x; README "CPU"): without padding the GEMMs,
+        # which are most of the time there, shrink, and the grid attention costs what padded attention does.
+        # CUDA: the original's x16 buckets (no GPU measurement of the packed path on record).
+        "packed": not cuda,
         "dtype": model_dtype(device)[0],
     }
 
@@ -133,10 +140,17 @@ CPU_INDUCTOR_OPTIONS = {"freezing": True}
 
 
 def compile_kwargs(device_type: str, mode: str, dynamic: bool) -> dict:
-    """torch.compile keyword arguments for `mode` on `device_type`. torch.compile takes a mode or
-    options, not both: on the CPU the mode's own options are spelled out and ours added."""
-    if device_type != "cpu" or not CPU_INDUCTOR_OPTIONS:
-        return {"mode": mode, "dynamic": dynamic}
-    from torch._inductor import list_mode_options
+    """torch.compile keyword arguments for `mode` on `device_type`; the CPU's inductor options are
+    not among them (see inductor_settings)."""
+    return {"mode": mode, "dynamic": dynamic}
 
-    return {"dynamic": dynamic, "options": {**list_mode_options(mode, dynamic), **CPU_INDUCTOR_OPTIONS}}
+
+def inductor_settings(device_type: str):
+    """A context manager with the inductor settings of `device_type` (CPU_INDUCTOR_OPTIONS on the CPU),
+    for each call of a compiled function: compiles happen inside calls. Not torch.compile `options`:
+    those reach inductor only, and dynamo reads `freezing` while it traces (to make the weights
+    constants); without it the weights stay graph inputs and nothing is frozen. Not set globally:
+    torch 2.13 keeps config overrides per thread, and the calls run on the instance's own thread."""
+    if device_type != "cpu" or not CPU_INDUCTOR_OPTIONS:
+        return contextlib.nullcontext()
+    return torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS)

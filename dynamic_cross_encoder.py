@@ -7,8 +7,8 @@ Two paths, same `predict` / `rank` API as CrossEncoder, scores in the caller's o
 * packed (`packed=True`): no padding at all. The real tokens of a batch go in one `(1, T)` input to
   the same transformers code, whose attention runs per sequence (cu_seqlens) through a function
   registered in its AttentionInterface. Batches are cut by a token budget (`max_tokens_per_batch`,
-  `batch_size` still a cap) and the token count is padded to a multiple of 256 so the compiled graph
-  sees few shapes.
+  `batch_size` still a cap) and the token count is padded to a multiple of 256 where each shape
+  costs a graph (CUDA graphs, static compiles), of 64 for a dynamic graph.
 
 Every reranker family (families/: BERT, XLM-R, ModernBERT, Qwen, causal yes/no LMs, ...) says which
 token its head reads and what the head is; both paths apply it to those rows only. Both tokenize a
@@ -40,7 +40,7 @@ from compiled import (  # noqa: F401  (compile_count, cudagraph_skips: imported 
     uses_cuda_graphs,
 )
 from families import default_position_offset, describe_family, family_of, packed_logits, padded_logits, uses_token_types
-from device_policy import compile_kwargs, device_defaults, model_dtype  # device_defaults: imported from here too
+from device_policy import compile_kwargs, device_defaults, inductor_settings, model_dtype  # device_defaults: imported from here too
 from pair_tokenizer import PairTokenizer, Ragged, chunk_bounds, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
@@ -48,6 +48,7 @@ from packing import (
     PaddedBatch,
     bucket_length,
     choose_attention_backend,
+    dynamic_tokens,
     pack_batch,
     packed_attention_on,
     plan_token_batches,
@@ -73,8 +74,10 @@ class DynamicCrossEncoder(CrossEncoder):
         dynamic: torch.compile `dynamic`; default True (as the original): one graph serves every
             bucket. False compiles one graph per shape (see `warmup`).
         packed: use the padding-free path (every family whose transformers code dispatches through the
-            attention interface; DeBERTa-v2 falls back to padded with a warning, `describe()` says why).
-        max_tokens_per_batch: packed path token budget per batch; default 16384 on CUDA, 2048 on CPU.
+            attention interface; DeBERTa-v2 falls back to padded, with a warning when asked for,
+            `describe()` says why). Default: the device's (device_policy.device_defaults): packed on a
+            CPU, where bucket padding does not beat the baseline; padded on CUDA.
+        max_tokens_per_batch: packed path token budget per batch; default 16384 on CUDA, 4096 on CPU.
         attention_backend: packed path backend name (packing.ATTENTION_BACKENDS); default: the fastest
             one for the device and dtype (`describe()` says which and why).
         **kwargs: CrossEncoder arguments (device, max_length, model_kwargs, ...). dtype defaults to the
@@ -87,7 +90,7 @@ class DynamicCrossEncoder(CrossEncoder):
     """
 
     def __init__(self, model_name_or_path: str, *, bucket_multiple: int = BUCKET_MULTIPLE, compile: bool = True,
-                 compile_mode: str | None = None, dynamic: bool | None = None, packed: bool = False,
+                 compile_mode: str | None = None, dynamic: bool | None = None, packed: bool | None = None,
                  max_tokens_per_batch: int | None = None, attention_backend: str | None = None, **kwargs):
         device = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         defaults = device_defaults(device)
@@ -129,7 +132,7 @@ class DynamicCrossEncoder(CrossEncoder):
         self._pairs_tok: PairTokenizer | None = None
         self._host_only = False
         self._dev = self.device  # refreshed per call: CrossEncoder.device walks every parameter
-        self._setup_forward(packed, attention_backend)
+        self._setup_forward(defaults["packed"] if packed is None else packed, attention_backend, asked=packed is not None)
 
     def _check_max_length(self, max_length):
         limit = self.position_limit
@@ -138,11 +141,12 @@ class DynamicCrossEncoder(CrossEncoder):
         if not self.max_seq_length or self.max_seq_length > limit:
             self.max_seq_length = limit  # tokenizers without model_max_length report ~1e30
 
-    def _setup_forward(self, packed: bool, attention_backend: str | None):
+    def _setup_forward(self, packed: bool, attention_backend: str | None, asked: bool = True):
         self.packed_reason = self.family.packed_reason(self)
         if packed and self.packed_reason:
-            warnings.warn(f"packed=True is not supported for {self.family.name} ({self.packed_reason}); "
-                          "using the padded path", stacklevel=3)
+            if asked:  # the device's default falls back without a word; describe() says why
+                warnings.warn(f"packed=True is not supported for {self.family.name} ({self.packed_reason}); "
+                              "using the padded path", stacklevel=3)
             packed = False
         self.packed = packed
         if packed:
@@ -294,7 +298,7 @@ class DynamicCrossEncoder(CrossEncoder):
 
     def _owned(self, fn, *args):
         self._owner_ident = threading.get_ident()
-        with torch.inference_mode():
+        with torch.inference_mode(), (inductor_settings(self._dev.type) if self.compile_enabled else contextlib.nullcontext()):
             return fn(*args)
 
     def _predict_scores(self, pairs, batch_size: int, progress: bool, activation_fn, device) -> torch.Tensor:
@@ -324,8 +328,10 @@ class DynamicCrossEncoder(CrossEncoder):
         if self.packed:
             length = min(shape, self.max_seq_length)
             n = max(1, min(batch_size, shape // length))
-            return self._pack(np.full(n * length, token, dtype=np.int32), np.full(n, length), None, max_seqs=batch_size,
-                              pin=False, tokens=shape)
+            lengths = np.full(n, length)
+            # graphs per shape: exactly this token count; a dynamic graph: as _packed_batches makes it
+            return self._pack(np.full(n * length, token, dtype=np.int32), lengths, None, max_seqs=batch_size, pin=False,
+                              tokens=shape if self.graphs_per_shape else dynamic_tokens(lengths, batch_size))
         rows, width = shape
         return self._pad(np.full(rows * width, token, dtype=np.int32), np.full(rows, width), None, width=width)
 
@@ -403,16 +409,23 @@ class DynamicCrossEncoder(CrossEncoder):
                 t = time.perf_counter()
 
     def _packed_batches(self, chunks, batch_size, timings):
-        """Yields (PackedBatch, row indices into pairs): sequences in the caller's order (without
-        padding their order does not matter), cut by the token budget and batch_size."""
+        """Yields (PackedBatch, row indices into pairs): each chunk sorted longest first, cut by the
+        token budget and batch_size. Without padding the order leaves the tokens as they are, but
+        a batch of like lengths has the smallest longest sequence: the CPU grid's width and the
+        GPU kernels' max_seqlen."""
         pin = self._dev.type == "cuda"
         for chunk_rows, ids in chunks:
             t = time.perf_counter()
+            order = np.argsort(-ids.lengths, kind="stable")
+            ids, chunk_rows = ids.take(order), chunk_rows[order]
             starts = ids.starts
             for lo, hi in plan_token_batches(ids.lengths, self.max_tokens_per_batch, batch_size):
                 span = slice(starts[lo], starts[hi])
-                batch = self._pack(ids.flat[span], ids.lengths[lo:hi], None if ids.types is None else ids.types[span],
-                                   max_seqs=batch_size, pin=pin)
+                lengths = ids.lengths[lo:hi]
+                # a graph per shape needs few token counts (TOKEN_MULTIPLE); a dynamic one takes a short tail
+                tokens = None if self.graphs_per_shape else dynamic_tokens(lengths, batch_size)
+                batch = self._pack(ids.flat[span], lengths, None if ids.types is None else ids.types[span],
+                                   max_seqs=batch_size, pin=pin, tokens=tokens)
                 timings.pack_s += time.perf_counter() - t
                 yield batch, chunk_rows[lo:hi]
                 t = time.perf_counter()

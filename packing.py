@@ -40,6 +40,9 @@ BUCKET_MULTIPLE = 16
 # sequence, so no real token attends to it). Keeps GEMM row counts aligned and bounds the shapes a
 # static compile or a CUDA graph per shape can meet to max_tokens_per_batch / TOKEN_MULTIPLE.
 TOKEN_MULTIPLE = 256
+# A dynamic graph takes any token count (dynamic_tokens): the tail is cut to under this, which still
+# keeps the distinct GEMM row counts few (oneDNN sets up each new one: ~1 ms per GEMM on a CPU).
+DYNAMIC_TOKEN_MULTIPLE = 64
 # The varlen kernels (flash-attn's and torch's) take half precision only.
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -73,6 +76,14 @@ def token_buckets(max_tokens_per_batch: int, max_seq_length: int) -> list[int]:
     or up to one sequence of max_seq_length when that is larger (a pair over the budget runs alone)."""
     top = bucket_length(max(max_tokens_per_batch, max_seq_length), TOKEN_MULTIPLE)
     return list(range(TOKEN_MULTIPLE, top + 1, TOKEN_MULTIPLE))
+
+
+def dynamic_tokens(lengths: np.ndarray, max_seqs: int) -> int:
+    """Token count of a packed batch for a dynamic graph: the real tokens rounded up to
+    DYNAMIC_TOKEN_MULTIPLE, but never more than a (max_seqs, longest rounded up to BUCKET_MULTIPLE)
+    grid holds, so the pad tail fits in its free cells without widening it (pack_batch)."""
+    real, longest = int(lengths.sum()), int(lengths.max())
+    return min(bucket_length(real, DYNAMIC_TOKEN_MULTIPLE), max_seqs * bucket_length(longest))
 
 
 def plan_token_batches(lengths, max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
@@ -203,11 +214,15 @@ class PackedBatch:
     positions:  (tokens,)       offset, offset + 1, ... restarting at each sequence (RoBERTa: padding_idx + 1)
     token_types:(tokens,)       the tokenizer's token types (0 where it makes none)
     seq_ids:    (tokens,)       sequence of each token; the pad tail and nothing else is max_seqs
-    slots:      (tokens,)       row of each token in a (max_seqs + 1, width) padded grid (CPU attention)
-    cu_seqlens: (max_seqs + 2,) sequence starts, then the end; the pad tail is one extra sequence and
-                                unused slots repeat the end, so the shape only depends on max_seqs
+    slots:      (tokens,)       cell of each token in a (max_seqs, width) padded grid (CPU attention):
+                                sequence * width + position; the pad tail takes cells no sequence uses
+    cu_seqlens: (max_seqs + 2,) the max_seqs sequence slots (unused ones empty), then the end of the pad
+                                tail: one extra sequence, last, so the shape only depends on max_seqs
     pool_index: (max_seqs,)     row each head reads (first / last / last non-pad token; 0 in unused slots)
-    width: the longest sequence rounded up to BUCKET_MULTIPLE (the grid's width).
+    cells:      (max_seqs * width,) the token at each grid cell (0 where none is): the grid is gathered
+                                from the packed rows (gathers vectorize; a scatter into zeros does not)
+    width: the grid's width: the longest sequence, and at least tokens / max_seqs (so the pad tail
+        fits in the cells no sequence uses), rounded up to BUCKET_MULTIPLE.
     """
 
     buffer: torch.Tensor
@@ -228,21 +243,22 @@ class PackedBatch:
         return ("packed", self.tokens, self.max_seqs)
 
     def views(self, buffer: torch.Tensor | None = None):
-        """(input_ids, positions, token_types, seq_ids, slots, cu_seqlens, pool_index) as views of
-        `buffer` (default: the host one)."""
+        """(input_ids, positions, token_types, seq_ids, slots, cu_seqlens, pool_index, cells) as views
+        of `buffer` (default: the host one)."""
         t, s = self.tokens, self.max_seqs
         b = self.buffer if buffer is None else buffer
-        return (*b[: 5 * t].view(5, t), b[5 * t : 5 * t + s + 2], b[5 * t + s + 2 :])
+        return (*b[: 5 * t].view(5, t), b[5 * t : 5 * t + s + 2], b[5 * t + s + 2 : 5 * t + 2 * s + 2],
+                b[5 * t + 2 * s + 2 :])
 
     def device_args(self, device: torch.device) -> tuple:
-        return (*self.views(_host_to_device(self.buffer, device)), self.width)
+        return self.views(_host_to_device(self.buffer, device))
 
     def split(self, pad_id: int) -> list[PackedBatch] | None:
         """Two halves, in order, repacked, or None for a single pair."""
         n = self.num_seqs
         if n <= 1:
             return None
-        ids, _, types, _, _, cu, _ = (v.numpy() for v in self.views())
+        ids, _, types, _, _, cu, _, _ = (v.numpy() for v in self.views())
         starts = cu[: n + 1].astype(np.int64)
         lengths, h = np.diff(starts), n // 2
         pin = self.buffer.is_pinned()
@@ -267,10 +283,10 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
     if n > max_seqs or real > tokens:
         raise ValueError(f"batch of {n} sequences / {real} tokens does not fit {max_seqs} / {tokens}")
     offset = pad_id + 1 if position_offset is None else position_offset
-    width = bucket_length(int(lengths.max()) if n else 1, BUCKET_MULTIPLE)
-    buf = torch.empty(5 * tokens + 2 * max_seqs + 2, dtype=torch.int32, pin_memory=pin)
+    width = bucket_length(max(int(lengths.max()) if n else 1, -(-tokens // max_seqs)), BUCKET_MULTIPLE)
+    buf = torch.empty(5 * tokens + 2 * max_seqs + 2 + max_seqs * width, dtype=torch.int32, pin_memory=pin)
     batch = PackedBatch(buf, tokens, max_seqs, n, real, width, offset, pool)
-    flat_ids, pos, tt, seq, slots, cu, index = (v.numpy() for v in batch.views())
+    flat_ids, pos, tt, seq, slots, cu, index, cells = (v.numpy() for v in batch.views())
     flat_ids[:real], flat_ids[real:] = flat, pad_id
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
@@ -283,10 +299,15 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
     seq[:real] = np.repeat(np.arange(n), lengths)
     seq[real:] = max_seqs
     slots[:real] = seq[:real].astype(np.int64) * width + within
-    # the pad tail shares the spare last grid row; its rows are never read
-    slots[real:] = max_seqs * width + np.minimum(np.arange(tokens - real), width - 1)
+    # the pad tail fills cells past the sequences' ends: keys there are masked, their rows never read
+    free = np.ones(max_seqs * width, dtype=bool)
+    free[slots[:real]] = False
+    slots[real:] = np.flatnonzero(free)[: tokens - real]
+    cells[:] = 0
+    cells[slots] = np.arange(tokens)
     cu[: n + 1] = starts
-    cu[n + 1 :] = tokens  # pad tail [real, tokens) is its own sequence; the rest are empty
+    cu[n + 1 : -1] = real  # unused slots are empty
+    cu[-1] = tokens  # the pad tail [real, tokens) is its own sequence, the last
     index[:n] = pool_index(flat, lengths, starts[:-1], pool, pad_id)
     index[n:] = 0
     return batch
@@ -298,13 +319,13 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
 # within distance w (ModernBERT's local layers). k and v have as many heads as q (see _expand_kv).
 
 
-def _attn_flash(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+def _attn_flash(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
     w = (-1, -1) if window is None else (window, 0 if causal else window)
     return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal,
                                   window_size=w)
 
 
-def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
     # torch 2.10's varlen_attn has no `scale`; 2.11+ take it keyword-only. The kernels' default is
     # head_dim ** -0.5, so it is passed only when it differs; window_size likewise only when set.
     kw = {}
@@ -315,7 +336,7 @@ def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, s
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
 
 
-def _attn_nested(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+def _attn_nested(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
     if window is not None:
         raise ValueError("sdpa_nested has no sliding window; use sdpa_padded")
     # Nested tensors built with their length bounds and no empty sequence: without the bounds SDPA
@@ -358,26 +379,26 @@ def _band(length: int, device, causal: bool, window: int | None) -> torch.Tensor
     return ok if window is None else ok & (d.abs() <= window)
 
 
-def _attn_padded(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
-    """Attention in a (seqs, width) grid: tokens scattered to their slots, SDPA with a key mask per
-    sequence, gathered back. Memory and work grow with seqs x width^2, not tokens^2; the projections
-    and MLPs around it stay packed. The CPU path."""
+def _attn_padded(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
+    """Attention in a (seqs, width) grid: the grid gathered from the packed rows (`cells`), SDPA with
+    a key mask per sequence, each token's row gathered back (`slots`). Memory and work grow with
+    seqs x width^2, not tokens^2; the projections and MLPs around it stay packed. The CPU path."""
     tokens, heads, dim = q.shape
-    seqs = cu.shape[0] - 1  # every sequence slot, the pad tail's included
-    slots = slots.long()
-    grid = [x.new_zeros(seqs * width, heads, dim).index_put_((slots,), x).view(seqs, width, heads, dim).transpose(1, 2)
-            for x in (q, k, v)]
-    lengths = (cu[1:] - cu[:-1]).clamp(max=width)
+    seqs = cu.shape[0] - 2  # the sequence slots; the pad tail (the last sequence) sits in unused cells
+    cells = cells.long()
+    grid = [x[cells].view(seqs, -1, heads, dim).transpose(1, 2) for x in (q, k, v)]
+    width = grid[0].shape[2]
+    lengths = cu[1 : seqs + 1] - cu[:seqs]
     mask = torch.arange(width, device=q.device)[None, :] < lengths[:, None]
     mask = mask | (lengths == 0)[:, None]  # empty slots: something to attend to, instead of NaN
     mask = mask[:, None, None, :]
     if (band := _band(width, q.device, causal, window)) is not None:
         mask = mask & band
     out = F.scaled_dot_product_attention(*grid, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(seqs * width, heads, dim)[slots]
+    return out.transpose(1, 2).reshape(seqs * width, heads, dim)[slots.long()]
 
 
-def _attn_block_diagonal(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, width=None):
+def _attn_block_diagonal(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
     # (tokens, tokens) mask: memory grows with tokens^2; a reference for tests, small batches only.
     idx = torch.arange(q.shape[0], device=q.device, dtype=cu.dtype)
     seq_id = torch.searchsorted(cu[1:], idx, right=True)
@@ -443,7 +464,7 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 def library_attention(backend: str):
     """An attention function for transformers' AttentionInterface: the model's own modules compute
     q, k, v (rotary included) for a (1, tokens) packed input and call this with the packing kwargs
-    (`cu_seq_lens_q`, `max_length_q`, and this project's `packed_slots`, `packed_width`)."""
+    (`cu_seq_lens_q`, `max_length_q`, and this project's `packed_slots`, `packed_cells`)."""
     fn = ATTENTION_BACKENDS[backend]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kw):
@@ -453,7 +474,7 @@ def library_attention(backend: str):
         window = None if sliding_window is None else int(sliding_window) - 1
         out = fn(q, k, v, kw["cu_seq_lens_q"], kw["max_length_q"], scaling if scaling is not None else q.shape[-1] ** -0.5,
                  causal=bool(getattr(module, "is_causal", False)), window=window, slots=kw.get("packed_slots"),
-                 width=kw.get("packed_width"))
+                 cells=kw.get("packed_cells"))
         return out[None], None  # (1, tokens, heads, dim), no attention weights
 
     return attention

@@ -63,7 +63,7 @@ class ScoreConfig:
     dtype: str = "auto"
     batch_size: int = 64
     max_length: int = 512
-    packed: bool = False
+    packed: bool | None = None  # None: the device's default (packed on a CPU)
     max_tokens_per_batch: int | None = None
     compile: bool = True
     compile_mode: str | None = None
@@ -397,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         "where it is native (AVX-512 BF16 or AMX), else float32")
     add("--batch-size", type=int, default=64, help="pairs per predict batch (default: 64)")
     add("--max-length", type=int, default=512, help="truncate each pair to this many tokens (default: 512)")
-    add("--packed", action="store_true", help="padding-free packed batches")
-    add("--max-tokens-per-batch", type=int, default=None, help="token budget per packed batch (default: 16384 on CUDA, 2048 on CPU)")
+    add("--packed", action=argparse.BooleanOptionalAction, default=None,
+        help="padding-free packed batches; --no-packed: x16 buckets (default: packed on CPU, x16 buckets on CUDA)")
+    add("--max-tokens-per-batch", type=int, default=None, help="token budget per packed batch (default: 16384 on CUDA, 4096 on CPU)")
     add("--no-compile", action="store_true", help="eager forward: no torch.compile and no warm-up")
     add("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode (default: max-autotune on CUDA, default on CPU)")
     add("--skip-bad", action="store_true", help="write malformed records to the rejects file and go on, instead of stopping")
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(input: str, output: str | None = None, *, engine: str = "local", num_workers: int | None = None,
          address: str | None = None, model: str = "auto", device: str = "auto", dtype: str = "auto",
-         batch_size: int = 64, max_length: int = 512, packed: bool = False, max_tokens_per_batch: int | None = None,
+         batch_size: int = 64, max_length: int = 512, packed: bool | None = None, max_tokens_per_batch: int | None = None,
          no_compile: bool = False, compile_mode: str | None = None, skip_bad: bool = False, rejects: str | None = None,
          overwrite: bool = False, json_path: str | None = None, quiet: bool = False, benchmark: bool = False) -> dict:
     """Check what a user can get wrong (UsageError, data.PairsFileError, models.ModelNotFoundError),

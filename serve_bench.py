@@ -74,7 +74,7 @@ def server_argv(cfg, path: str, port: int, *, one_at_a_time: bool) -> list[str]:
             "--max-wait-ms", "0" if one_at_a_time else str(cfg.max_wait_ms),
             "--max-batch-requests", "1" if one_at_a_time else str(cfg.max_batch_requests),
             "--threads", str(cfg.threads)]
-    return argv + (["--packed"] if b.packed else []) + (["--no-compile"] if cfg.no_compile else [])
+    return argv + (["--packed" if b.packed else "--no-packed"]) + (["--no-compile"] if cfg.no_compile else [])
 
 
 async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -132,7 +132,7 @@ def padded_logits(ce, family: Family, kind: str, token_types: bool, input_ids, a
 
 
 def packed_logits(ce, family: Family, kind: str, token_types: bool, max_seqlen: int, input_ids, positions, types,
-                  seq_ids, slots, cu_seqlens, index, width):
+                  seq_ids, slots, cu_seqlens, index, cells):
     """A packed batch's views (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's own
     code on a (1, tokens) input, its attention through the registered packed function (packing.py)."""
     from packing import pool
@@ -140,7 +140,7 @@ def packed_logits(ce, family: Family, kind: str, token_types: bool, max_seqlen: 
     kw = {"token_type_ids": types[None]} if token_types else {}
     hidden = family.base(ce)(
         input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-        max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_width=width, **kw,
+        max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_cells=cells, **kw,
     ).last_hidden_state[0]
     seqs = index.shape[0]
     pooled = pool(hidden, kind, index, seq_ids, cu_seqlens[1 : seqs + 1] - cu_seqlens[:seqs])

@@ -63,11 +63,30 @@ def test_threads_lowered_only_past_the_usable_cores(torch_threads, usable, expec
     assert dp.cpu_threads(torch_threads, usable) == expected
 
 
-def test_cpu_compiles_with_freezing_on_top_of_the_mode():
-    assert dp.compile_kwargs("cuda", "max-autotune", True) == {"mode": "max-autotune", "dynamic": True}
-    assert dp.compile_kwargs("cpu", "default", True) == {"dynamic": True, "options": {"freezing": True}}
-    options = dp.compile_kwargs("cpu", "max-autotune-no-cudagraphs", False)["options"]
-    assert options["freezing"] is True and options["max_autotune"] is True  # the mode's own options kept
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_compiles_freeze_the_weights(dtype, tiny_model_dir):
+    """Freezing reaches dynamo, which reads it while tracing, on the thread that calls (torch 2.13
+    keeps config overrides per thread): the compiled CPU graph then runs the prepacked linear of
+    oneDNN (bf16) or MKL (fp32), never a plain addmm. Given as torch.compile options it froze nothing."""
+    assert dp.compile_kwargs("cpu", "default", True) == {"mode": "default", "dynamic": True}
+    with dp.inductor_settings("cpu"):
+        assert torch._inductor.config.freezing
+    with dp.inductor_settings("cuda"):
+        assert not torch._inductor.config.freezing
+    assert not torch._inductor.config.freezing  # only for the call
+    model = DynamicCrossEncoder(tiny_model_dir, device="cpu", compile=True, local_files_only=True,
+                                model_kwargs={"dtype": dtype})
+    pairs = data.load_pairs(8, seed=1)
+    model.predict(pairs, batch_size=8)  # compiles
+
+    def profiled():
+        with torch.profiler.profile() as p:
+            model.predict(pairs, batch_size=8)
+        return {e.key for e in p.key_averages()}
+
+    ops = model._on_owner(profiled)
+    assert {"mkldnn::_linear_pointwise", "mkl::_mkl_linear"} & ops, sorted(ops)
+    assert "aten::addmm" not in ops and "aten::mm" not in ops
 
 
 # ---------------------------------------------------------------- DynamicCrossEncoder on the CPU
@@ -133,3 +152,16 @@ def test_fp32_asked_for_stays_exact(packed, tiny_model_dir, pairs, fp32_logits):
     model = DynamicCrossEncoder(tiny_model_dir, device="cpu", compile=True, packed=packed, local_files_only=True,
                                 model_kwargs=FP32, max_tokens_per_batch=1024)
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), fp32_logits)
+
+
+def test_packed_is_the_cpu_default_and_the_flags_can_turn_it_off():
+    """On a CPU bucket padding does not beat the baseline (README "CPU"): the default is packed there;
+    CUDA keeps the x16 buckets; --no-packed / packed=False picks the buckets anywhere."""
+    import benchmark
+
+    assert dp.device_defaults("cpu")["packed"] is True and dp.device_defaults("cuda")["packed"] is False
+    assert benchmark.BenchConfig(device="cpu").packed is True
+    p = benchmark.parser("test")
+    assert benchmark.parse_config(p, ["--device", "cpu", "--no-packed"])[0].packed is False
+    assert benchmark.parse_config(p, ["--device", "cpu", "--packed"])[0].packed is True
+    assert benchmark.parse_config(p, ["--device", "cpu"])[0].packed is True

@@ -29,13 +29,15 @@ def padded(ragged, pad_id):
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_model_dir):
-    return DynamicCrossEncoder(tiny_model_dir, compile=False, device="cpu", local_files_only=True, model_kwargs=FP32)
+def eager(tiny_model_dir):  # the padded path (the CPU's default is packed)
+    return DynamicCrossEncoder(tiny_model_dir, compile=False, device="cpu", local_files_only=True, model_kwargs=FP32,
+                               packed=False)
 
 
 @pytest.fixture(scope="module")
 def compiled(tiny_model_dir):
-    return DynamicCrossEncoder(tiny_model_dir, compile=True, device="cpu", local_files_only=True, model_kwargs=FP32)
+    return DynamicCrossEncoder(tiny_model_dir, compile=True, device="cpu", local_files_only=True, model_kwargs=FP32,
+                               packed=False)
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,21 @@ def reference(family: str, pairs):
 
 def load(path, **kwargs):
     # fp32: the reference's precision (the CPU default may be bf16, tests/test_device_policy.py)
+    kwargs.setdefault("packed", False)  # the padded path unless asked (the CPU's default is packed)
     return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_the_cpu_default_is_packed_where_the_family_takes_it(family, recwarn):
+    """Not asked for, the path is the CPU's default (packed); a family that cannot take it runs padded
+    without a warning, and describe() says why."""
+    path = twins.family_twin_dir(family, "tiny")
+    model = DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, compile=False)
+    assert model.packed is (family not in PADDED_ONLY)
+    described = model.describe()
+    assert ("no packed path: " in described and PADDED_ONLY[family] in described) if family in PADDED_ONLY else (
+        "packed, sdpa_padded" in described)
+    assert not [w for w in recwarn if "packed" in str(w.message)]
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])

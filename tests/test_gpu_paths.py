@@ -31,6 +31,7 @@ from helpers import FP32, IDENTITY, assert_same_logits, cuda_default_problems, r
 
 
 def load(path, **kwargs):
+    kwargs.setdefault("packed", False)  # the padded path unless asked (the CPU's default is packed)
     return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
 
 

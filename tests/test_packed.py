@@ -15,7 +15,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbed
 
 import data
 from dynamic_cross_encoder import DynamicCrossEncoder, compile_count
-from packing import ATTENTION_BACKENDS, attention_backends, pack_batch
+from packing import ATTENTION_BACKENDS, DYNAMIC_TOKEN_MULTIPLE, TOKEN_MULTIPLE, attention_backends, dynamic_tokens, pack_batch
 
 from helpers import EDGE_PAIRS, FP32, IDENTITY, LONG_TEXT, TOL, assert_same_logits, reference_attention, spy_logits, workload
 
@@ -66,20 +66,23 @@ def test_pack_batch_layout():
     ids, lengths = padded_ids([5, 1, 3])
     types = (np.arange(9) % 2).astype(np.int32)
     batch = pack_batch(*back_to_back(ids, lengths), tokens=16, max_seqs=5, pad_id=1, pin=False, types=types)
-    flat, pos, tt, seq, slots, cu, cls = batch.views()
-    views = (flat, pos, tt, seq, slots, cu, cls)
-    assert [v.dtype for v in views] == [torch.int32] * 7
-    assert [v.shape[0] for v in views] == [16] * 5 + [5 + 2, 5]
+    flat, pos, tt, seq, slots, cu, cls, cells = batch.views()
+    views = (flat, pos, tt, seq, slots, cu, cls, cells)
+    assert [v.dtype for v in views] == [torch.int32] * 8
+    assert [v.shape[0] for v in views] == [16] * 5 + [5 + 2, 5, 5 * 16]
+    # width: the longest sequence (5), at least tokens / max_seqs (16 / 5 -> 4), rounded up to 16
     assert (batch.tokens, batch.max_seqs, batch.num_seqs, batch.real_tokens, batch.width) == (16, 5, 3, 9, 16)
     assert flat[:9].tolist() == ids[0, :5].tolist() + ids[1, :1].tolist() + ids[2, :3].tolist()
     assert flat[9:].tolist() == [1] * 7  # pad tail
     assert pos.tolist() == [2, 3, 4, 5, 6, 2, 2, 3, 4] + [1] * 7
     assert tt.tolist() == types.tolist() + [0] * 7
     assert seq.tolist() == [0] * 5 + [1] + [2] * 3 + [5] * 7  # the pad tail is nobody's: slot max_seqs
-    # grid rows: sequence * width + position; the pad tail shares the spare last row
-    assert slots.tolist() == [0, 1, 2, 3, 4, 16, 32, 33, 34] + [80 + i for i in range(7)]
-    assert cu.tolist() == [0, 5, 6, 9, 16, 16, 16]  # starts, end of the pad tail, unused slots repeat it
+    # grid cells: sequence * width + position; the pad tail takes the first cells no sequence uses
+    assert slots.tolist() == [0, 1, 2, 3, 4, 16, 32, 33, 34] + [5, 6, 7, 8, 9, 10, 11]
+    assert cu.tolist() == [0, 5, 6, 9, 9, 9, 16]  # starts, unused slots empty, the end of the pad tail
     assert cls.tolist() == [0, 5, 6, 0, 0]
+    assert torch.equal(cells[slots.long()], torch.arange(16, dtype=torch.int32))  # cells invert slots
+    assert cells.count_nonzero() == 15  # the cells no token takes point at token 0
 
 
 @pytest.mark.parametrize("pool, expected", [("first", [0, 5, 6]), ("mean", [0, 5, 6]), ("last", [4, 5, 8]),
@@ -90,7 +93,7 @@ def test_pool_index_per_head(pool, expected):
     flat = np.array([7, 8, 9, 9, 1, 1, 5, 1, 1], dtype=np.int32)  # pad id 1 inside sequences on purpose
     batch = pack_batch(flat, np.array([5, 1, 3]), tokens=16, max_seqs=4, pad_id=1, pin=False, pool=pool,
                        position_offset=0)
-    assert batch.views()[-1][:3].tolist() == expected
+    assert batch.views()[6][:3].tolist() == expected
     assert batch.views()[1][:9].tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2]  # positions from 0 (BERT-style)
 
 
@@ -102,7 +105,7 @@ def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
     pad_id = 1
     ids, lengths = padded_ids(lengths, pad_id, seed=len(lengths))
     batch = pack_batch(*back_to_back(ids, lengths), tokens=tokens, max_seqs=max_seqs, pad_id=pad_id, pin=False)
-    flat, pos, _, seq, slots, cu, cls = (v.long() for v in batch.views())
+    flat, pos, _, seq, slots, cu, cls, cells = (v.long() for v in batch.views())
     mask = torch.from_numpy(np.arange(ids.shape[1])[None, :] < lengths[:, None])
     ref_pos = XLMRobertaEmbeddings.create_position_ids_from_input_ids(torch.from_numpy(ids), pad_id)
     real = int(lengths.sum())
@@ -110,12 +113,30 @@ def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
     assert torch.equal(flat[:real], torch.from_numpy(ids)[mask])
     assert torch.all(flat[real:] == pad_id) and torch.all(pos[real:] == pad_id)
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    assert cu.tolist() == starts.tolist() + [tokens] * (max_seqs + 1 - len(lengths))
+    assert cu.tolist() == starts.tolist() + [real] * (max_seqs - len(lengths)) + [tokens]
     assert cls.tolist() == starts[:-1].tolist() + [0] * (max_seqs - len(lengths))
     assert torch.all(flat[cls[: len(lengths)]] == torch.from_numpy(ids[:, 0]))
-    # every real token has a grid row of its own, in its sequence's row of the grid
-    assert len(set(slots[:real].tolist())) == real
+    # every token has a grid cell of its own, a real one in its sequence's row of the grid, the pad
+    # tail past the sequences' ends: attention masks the keys there by length
+    assert len(set(slots.tolist())) == tokens and int(slots.max()) < max_seqs * batch.width
     assert torch.equal(slots[:real] // batch.width, seq[:real]) and int(lengths.max()) <= batch.width
+    row, col = slots[real:] // batch.width, slots[real:] % batch.width
+    assert torch.all(col >= torch.from_numpy(np.append(lengths, [0] * max_seqs))[row])
+    assert torch.equal(cells[slots], torch.arange(tokens))
+
+
+@pytest.mark.parametrize("lengths, max_seqs, tokens", [
+    ([200, 190, 150], 8, 576),  # 540 real tokens -> the next multiple of 64
+    ([16, 16, 16, 16], 4, 64),  # exactly a multiple
+    ([40, 39], 2, 96),  # 79 -> 128 would not fit a 2 x 48 grid: its capacity, 96
+    ([100], 1, 112),  # one sequence: its own grid row
+])
+def test_dynamic_tokens_keep_the_pad_tail_short_and_inside_the_grid(lengths, max_seqs, tokens):
+    lengths = np.array(lengths)
+    assert dynamic_tokens(lengths, max_seqs) == tokens
+    ids = np.ones(int(lengths.sum()), dtype=np.int32)
+    batch = pack_batch(ids, lengths, max_seqs=max_seqs, pad_id=1, pin=False, tokens=tokens)
+    assert batch.width == -(-int(lengths.max()) // 16) * 16  # the tail did not widen the grid
 
 
 def test_pack_batch_raises_on_overflow():
@@ -135,11 +156,12 @@ def test_pack_batch_raises_on_overflow():
 @pytest.mark.parametrize(
     "cu",
     [
-        [0, 7, 7, 8, 20, 20, 23, 40, 40, 40],  # zero-length and length-1 sequences, pad tail, unused slots
+        [0, 7, 7, 8, 20, 20, 23, 40, 40, 40],  # zero-length and length-1 sequences, unused slots
+        [0, 7, 7, 8, 20, 20, 23, 36, 36, 40],  # the same with a pad tail (the last sequence)
         [0, 1, 2, 3, 32, 32],  # length-1 sequences, no pad tail
         [0, 32, 32],  # one sequence
     ],
-    ids=["mixed", "ones", "single"],
+    ids=["mixed", "tail", "ones", "single"],
 )
 def test_attention_backend_equals_per_sequence_sdpa(backend, cu):
     gen = torch.Generator().manual_seed(0)
@@ -147,21 +169,29 @@ def test_attention_backend_equals_per_sequence_sdpa(backend, cu):
     q, k, v = (torch.randn(tokens, heads, dim, generator=gen) * 2 for _ in range(3))
     cu = torch.tensor(cu, dtype=torch.int32)
     max_seqlen = int((cu[1:] - cu[:-1]).max())
-    slots, width = grid_slots(cu)
-    out = ATTENTION_BACKENDS[backend](q, k, v, cu, max_seqlen, 0.3, slots=slots, width=width)
+    slots, cells = grid_slots(cu)
+    out = ATTENTION_BACKENDS[backend](q, k, v, cu, max_seqlen, 0.3, slots=slots, cells=cells)
     ref = reference_attention(q, k, v, cu, 0.3)
+    real = int(cu[-2])  # the pad tail's rows are never read
     assert out.shape == q.shape
     assert ref.std() > 0.1
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:real], ref[:real], rtol=0, atol=1e-5)
 
 
 def grid_slots(cu: torch.Tensor, width: int | None = None):
-    """(tokens,) grid rows (sequence * width + position) for cu_seqlens, as pack_batch lays them out."""
+    """(tokens,) grid cell of each token and (seqs * width,) token of each cell, for cu_seqlens as
+    pack_batch lays them out: sequence * width + position for every sequence but the last, the pad
+    tail, whose tokens take the first cells no sequence uses; cells nobody takes point at token 0."""
     lengths = (cu[1:] - cu[:-1]).long()
-    width = width or int(lengths.max())
-    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    within = torch.arange(int(cu[-1])) - cu[:-1].long()[seq]
-    return (seq * width + within).int(), width
+    seqs, real, tokens = len(lengths) - 1, int(cu[-2]), int(cu[-1])
+    width = width or max(int(lengths[:-1].max()), -(-tokens // seqs))
+    seq = torch.repeat_interleave(torch.arange(seqs), lengths[:-1])
+    slots = seq * width + torch.arange(real) - cu[:-2].long()[seq]
+    free = torch.ones(seqs * width, dtype=torch.bool)
+    free[slots] = False
+    slots = torch.cat([slots, free.nonzero()[: tokens - real, 0]])
+    cells = torch.zeros(seqs * width, dtype=torch.int64).index_put_((slots,), torch.arange(tokens))
+    return slots.int(), cells.int()
 
 
 @pytest.mark.parametrize("backend", ["sdpa_padded", "sdpa_block_diagonal"])
@@ -169,10 +199,10 @@ def grid_slots(cu: torch.Tensor, width: int | None = None):
 def test_attention_backend_masks_like_a_per_sequence_reference(backend, causal, window):
     """Causal (decoder rerankers) and windowed (ModernBERT's local layers: keys within `window`)."""
     gen = torch.Generator().manual_seed(1)
-    cu = torch.tensor([0, 6, 7, 19, 19, 24], dtype=torch.int32)
+    cu = torch.tensor([0, 6, 7, 19, 19, 24, 24], dtype=torch.int32)  # no pad tail
     q, k, v = (torch.randn(24, 2, 8, generator=gen) for _ in range(3))
-    slots, width = grid_slots(cu, 16)
-    out = ATTENTION_BACKENDS[backend](q, k, v, cu, 12, 0.5, causal=causal, window=window, slots=slots, width=width)
+    slots, cells = grid_slots(cu, 16)
+    out = ATTENTION_BACKENDS[backend](q, k, v, cu, 12, 0.5, causal=causal, window=window, slots=slots, cells=cells)
     ref = torch.zeros_like(q)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         i = torch.arange(b - a)
@@ -200,7 +230,10 @@ def test_packed_logits_equal_cross_encoder(backend, compile, packed_model, refer
     pairs, ref = reference
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
     t = model.last_timings
-    assert t.real_tokens <= t.padded_tokens and t.padded_tokens % 256 == 0
+    # graphs per shape: token counts in multiples of 256; a dynamic graph: each pad tail under 64 tokens
+    multiple = TOKEN_MULTIPLE if model.graphs_per_shape else DYNAMIC_TOKEN_MULTIPLE
+    assert t.padded_tokens % TOKEN_MULTIPLE == 0 or not model.graphs_per_shape
+    assert 0 <= t.padded_tokens - t.real_tokens < multiple * t.batches
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -259,7 +292,7 @@ def test_no_recompiles_after_warmup(packed, tiny_model_dir, tiny_cross_encoder):
 def static_model(tiny_model_dir):
     """Static graphs: one per (batch, width); warm-up compiles every width at its batch size."""
     return DynamicCrossEncoder(tiny_model_dir, compile=True, dynamic=False, max_length=64, device="cpu", local_files_only=True,
-                               model_kwargs=FP32)
+                               model_kwargs=FP32, packed=False)
 
 
 SHORT = [["lorem", "ipsum"]] * 4  # one (4, 16) batch

@@ -24,6 +24,7 @@ SMALL_MAX_LENGTH = 64  # keeps the property-based test fast; texts go well past 
 
 
 def load(path, **kwargs):
+    kwargs.setdefault("packed", False)  # the padded path unless asked (the CPU's default is packed)
     return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, **kwargs)
 
 

@@ -195,9 +195,9 @@ def test_broken_pairs_file_names_line_2_before_loading_a_model(tmp_path, capsys,
 
 CPU_DTYPE = str(cpu_dtype(cpu_capabilities())[0]).removeprefix("torch.")  # the policy itself: test_device_policy.py
 CPU = {"num_pairs": 8, "runs": 3, "warmup": 1, "batch_size": 8, "num_queries": 4, "docs_per_query": 16,
-       "max_tokens_per_batch": 2048, "dtype": CPU_DTYPE, "compile_mode": "default"}
+       "max_tokens_per_batch": 4096, "dtype": CPU_DTYPE, "compile_mode": "default", "packed": True}
 CUDA = {"num_pairs": 1024, "runs": 10, "warmup": 10, "batch_size": 64, "num_queries": 100, "docs_per_query": 100,
-        "max_tokens_per_batch": 16384, "dtype": "bfloat16", "compile_mode": "max-autotune"}
+        "max_tokens_per_batch": 16384, "dtype": "bfloat16", "compile_mode": "max-autotune", "packed": False}
 
 
 def test_config_resolves_the_device_defaults_once(monkeypatch):
@@ -230,8 +230,9 @@ def test_report_reads_config_fields_that_exist():
 def _flag_help(help_text: str) -> dict[str, str]:
     """--flag -> its help text, whitespace collapsed, from a --help output."""
     text = " ".join(help_text.split("options:")[1].split())
-    flag = r"(--[a-z0-9-]+)(?: [A-Z_]+| \{[^}]*\})? "  # the flag and its metavar or choices
-    return {m[1]: m[2] for m in re.finditer(flag + r"(.*?)(?= --[a-z0-9-]+ |$)", text)}
+    # the flag (and its --no- form) and its metavar or choices
+    flag = r"(--[a-z0-9-]+)(?:, --no-[a-z0-9-]+)?(?: [A-Z_]+| \{[^}]*\})? "
+    return {m[1]: m[2] for m in re.finditer(flag + r"(.*?)(?= --[a-z0-9-]+[ ,]|$)", text)}
 
 
 @pytest.mark.parametrize("script, excluded", [
@@ -268,10 +269,10 @@ def test_cpu_defaults_shrink_and_say_so():
     cfg, notes = benchmark.parse_config(p, ["--device", "cpu"])
     assert (cfg.num_pairs, cfg.runs, cfg.warmup) == (8, 3, 1)
     assert notes == ["no GPU: defaults shrunk to num_pairs=8, runs=3, warmup=1, batch_size=8, "
-                     "max_tokens_per_batch=2048 (set the flags to override)"]  # rerank sizes unused here
+                     "max_tokens_per_batch=4096 (set the flags to override)"]  # rerank sizes unused here
     cfg, notes = benchmark.parse_config(p, ["--device", "cpu", "--num-pairs", "1024", "--workload", "rerank"])
     assert cfg.num_pairs == 1024 and notes == ["no GPU: defaults shrunk to runs=3, warmup=1, batch_size=8, "
-                                               "num_queries=4, docs_per_query=16, max_tokens_per_batch=2048 "
+                                               "num_queries=4, docs_per_query=16, max_tokens_per_batch=4096 "
                                                "(set the flags to override)"]
     _, notes = benchmark.parse_config(benchmark.parser("x", exclude=("max_tokens_per_batch",)),
                                       ["--device", "cpu", "--runs", "2"])
