@@ -36,8 +36,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # Every value that depends on the device, as (on CUDA, on CPU): a config field left unset (None,
 # or "auto" for dtype) takes its device's value when the BenchConfig is made, and --help shows both.
 # A machine without a GPU runs the full-size model at a few hundred pairs per minute, so the sizes
-# shrink there and the output says so; the packed path's CPU attention materializes a
-# (tokens, tokens) mask, hence the smaller token budget; CPU kernels are not compiled per shape, so
+# shrink there and the output says so; the token budget, the path (packed on a CPU) and the compile
+# mode are the class's (device_policy.device_defaults); CPU kernels are not compiled per shape, so
 # one warm-up call suffices; the CPU dtype is device_policy's (bf16 where the CPU has it natively,
 # else fp32: emulated half precision is slow there).
 DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {

@@ -8,7 +8,7 @@ Two paths, same `predict` / `rank` API as CrossEncoder, scores in the caller's o
   the same transformers code, whose attention runs per sequence (cu_seqlens) through a function
   registered in its AttentionInterface. Batches are cut by a token budget (`max_tokens_per_batch`,
   `batch_size` still a cap) and the token count is padded to a multiple of 256 where each shape
-  costs a graph (CUDA graphs, static compiles), of 64 for a dynamic graph.
+  costs a graph (CUDA graphs, static compiles), of 128 for a dynamic graph.
 
 Every reranker family (families/: BERT, XLM-R, ModernBERT, Qwen, causal yes/no LMs, ...) says which
 token its head reads and what the head is; both paths apply it to those rows only. Both tokenize a

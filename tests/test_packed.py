@@ -126,9 +126,10 @@ def test_pack_batch_matches_transformers_positions(lengths, tokens, max_seqs):
 
 
 @pytest.mark.parametrize("lengths, max_seqs, tokens", [
-    ([200, 190, 150], 8, 576),  # 540 real tokens -> the next multiple of 64
-    ([16, 16, 16, 16], 4, 64),  # exactly a multiple
-    ([40, 39], 2, 96),  # 79 -> 128 would not fit a 2 x 48 grid: its capacity, 96
+    ([200, 190, 150], 8, 640),  # 540 real tokens -> the next multiple of 128
+    ([64, 64], 8, 128),  # exactly a multiple
+    ([16, 16, 16, 16], 4, 64),  # 64 -> 128 would not fit a 4 x 16 grid: its capacity, 64
+    ([40, 39], 2, 96),  # 79 -> 128 would not fit a 2 x 48 grid: 96
     ([100], 1, 112),  # one sequence: its own grid row
 ])
 def test_dynamic_tokens_keep_the_pad_tail_short_and_inside_the_grid(lengths, max_seqs, tokens):
@@ -230,7 +231,7 @@ def test_packed_logits_equal_cross_encoder(backend, compile, packed_model, refer
     pairs, ref = reference
     assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
     t = model.last_timings
-    # graphs per shape: token counts in multiples of 256; a dynamic graph: each pad tail under 64 tokens
+    # graphs per shape: token counts in multiples of 256; a dynamic graph: each pad tail under 128 tokens
     multiple = TOKEN_MULTIPLE if model.graphs_per_shape else DYNAMIC_TOKEN_MULTIPLE
     assert t.padded_tokens % TOKEN_MULTIPLE == 0 or not model.graphs_per_shape
     assert 0 <= t.padded_tokens - t.real_tokens < multiple * t.batches
