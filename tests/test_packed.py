@@ -237,6 +237,23 @@ def test_packed_logits_equal_cross_encoder(backend, compile, packed_model, refer
     assert 0 <= t.padded_tokens - t.real_tokens < multiple * t.batches
 
 
+def test_packed_batches_are_cut_from_length_sorted_chunks(packed_model, monkeypatch):
+    """The CPU grid is as wide as a batch's longest sequence: each chunk is sorted longest first before
+    its batches are cut, so like lengths share a batch; the scores still come back in the caller's order."""
+    model = packed_model("sdpa_padded", False, max_tokens_per_batch=512)
+    pairs = data.load_pairs(12, seed=5, min_sentences=1, max_sentences=8)
+    seen, pack = [], model._pack
+    monkeypatch.setattr(model, "_pack", lambda flat, lengths, types, **kw: seen.append(list(lengths))
+                        or pack(flat, lengths, types, **kw))
+    scores = model.predict(pairs, batch_size=3, activation_fn=IDENTITY)
+    lengths = [n for batch in seen for n in batch]
+    assert len(seen) >= 4 and len(lengths) == 12 and lengths == sorted(lengths, reverse=True)
+    given = list(model._encode(pairs).lengths)
+    assert sorted(given, reverse=True) == lengths and given != lengths  # sorted here, not by the caller
+    monkeypatch.undo()
+    assert_same_logits(scores, model.predict(pairs[::-1], batch_size=3, activation_fn=IDENTITY)[::-1])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pairs_longer_than_the_token_budget(backend, packed_model, tiny_cross_encoder, monkeypatch):
     model = packed_model(backend, False, max_tokens_per_batch=64)
