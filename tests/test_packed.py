@@ -242,16 +242,29 @@ def test_packed_batches_are_cut_from_length_sorted_chunks(packed_model, monkeypa
     its batches are cut, so like lengths share a batch; the scores still come back in the caller's order."""
     model = packed_model("sdpa_padded", False, max_tokens_per_batch=512)
     pairs = data.load_pairs(12, seed=5, min_sentences=1, max_sentences=8)
-    seen, pack = [], model._pack
+    seen, tokens, pack = [], [], model._pack
     monkeypatch.setattr(model, "_pack", lambda flat, lengths, types, **kw: seen.append(list(lengths))
-                        or pack(flat, lengths, types, **kw))
+                        or tokens.append(kw["tokens"]) or pack(flat, lengths, types, **kw))
     scores = model.predict(pairs, batch_size=3, activation_fn=IDENTITY)
     lengths = [n for batch in seen for n in batch]
+    # a dynamic graph: each batch's token count is dynamic_tokens' (a tail under 128, inside the grid)
+    assert tokens == [dynamic_tokens(np.array(b), 3) for b in seen]
     assert len(seen) >= 4 and len(lengths) == 12 and lengths == sorted(lengths, reverse=True)
     given = list(model._encode(pairs).lengths)
     assert sorted(given, reverse=True) == lengths and given != lengths  # sorted here, not by the caller
     monkeypatch.undo()
     assert_same_logits(scores, model.predict(pairs[::-1], batch_size=3, activation_fn=IDENTITY)[::-1])
+
+
+def test_dynamic_warmup_batches_are_packed_like_real_ones(packed_model):
+    """A dynamic graph's warm-up batches take dynamic_tokens' count, as real batches do: a token bucket
+    of 256 would leave a long pad tail and widen the CPU grid past the sequences."""
+    model = packed_model("sdpa_padded", False, max_tokens_per_batch=2048)
+    assert not model.graphs_per_shape and model.max_seq_length <= 512
+    for batch_size, shape in ((b, shape) for b in (1, 8) for shape in model._warmup_shapes(b)):
+        batch = model._dummy_batch(shape, batch_size)  # batch size 1: one pair of at most 512 for 2048
+        longest = int(batch.real_tokens // batch.num_seqs)  # the dummy sequences share one length
+        assert batch.tokens - batch.real_tokens < DYNAMIC_TOKEN_MULTIPLE and batch.width == -(-longest // 16) * 16
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
