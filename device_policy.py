@@ -139,18 +139,13 @@ def match_cpu_threads() -> str:
 CPU_INDUCTOR_OPTIONS = {"freezing": True}
 
 
-def compile_kwargs(device_type: str, mode: str, dynamic: bool) -> dict:
-    """torch.compile keyword arguments for `mode` on `device_type`; the CPU's inductor options are
-    not among them (see inductor_settings)."""
-    return {"mode": mode, "dynamic": dynamic}
-
-
 def inductor_settings(device_type: str):
     """A context manager with the inductor settings of `device_type` (CPU_INDUCTOR_OPTIONS on the CPU),
-    for each call of a compiled function: compiles happen inside calls. Not torch.compile `options`:
-    those reach inductor only, and dynamo reads `freezing` while it traces (to make the weights
-    constants); without it the weights stay graph inputs and nothing is frozen. Not set globally:
-    torch 2.13 keeps config overrides per thread, and the calls run on the instance's own thread."""
+    around each model call (an eager one ignores them): compiles happen inside calls. Not
+    torch.compile `options`: those reach inductor only, and dynamo reads `freezing` while it traces
+    (to make the weights constants); without it the weights stay graph inputs and nothing is frozen.
+    Not set globally: torch 2.13 keeps config overrides per thread, and the calls run on the
+    instance's own thread."""
     if device_type != "cpu" or not CPU_INDUCTOR_OPTIONS:
         return contextlib.nullcontext()
     return torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS)

@@ -40,7 +40,7 @@ from compiled import (  # noqa: F401  (compile_count, cudagraph_skips: imported 
     uses_cuda_graphs,
 )
 from families import default_position_offset, describe_family, family_of, packed_logits, padded_logits, uses_token_types
-from device_policy import compile_kwargs, device_defaults, inductor_settings, model_dtype  # device_defaults: imported from here too
+from device_policy import device_defaults, inductor_settings, model_dtype  # device_defaults: imported from here too
 from pair_tokenizer import PairTokenizer, Ragged, chunk_bounds, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
@@ -158,7 +158,7 @@ class DynamicCrossEncoder(CrossEncoder):
         else:
             self.attention_backend, self.attention_reason = self.model.config._attn_implementation, "the model's own"
             fn = self._padded_logits
-        self._logits = (torch.compile(own_code(fn), **compile_kwargs(self.device.type, self.compile_mode, self.dynamic))
+        self._logits = (torch.compile(own_code(fn), mode=self.compile_mode, dynamic=self.dynamic)
                         if self.compile_enabled else fn)
 
     @property
@@ -298,7 +298,7 @@ class DynamicCrossEncoder(CrossEncoder):
 
     def _owned(self, fn, *args):
         self._owner_ident = threading.get_ident()
-        with torch.inference_mode(), (inductor_settings(self._dev.type) if self.compile_enabled else contextlib.nullcontext()):
+        with torch.inference_mode(), inductor_settings(self._dev.type):
             return fn(*args)
 
     def _predict_scores(self, pairs, batch_size: int, progress: bool, activation_fn, device) -> torch.Tensor:
