@@ -14,7 +14,8 @@ Every reranker family (families/: BERT, XLM-R, ModernBERT, Qwen, causal yes/no L
 token its head reads and what the head is; both paths apply it to those rows only. Both tokenize a
 call in chunks at the tokenizer's own speed (pair_tokenizer.py), the next chunk in a worker thread
 while the current one is packed and launched. Batch layouts and attention backends live in
-packing.py. Both paths use the loaded model's own weights.
+packing.py. Both paths use the loaded model's own weights. `encode_pairs` tokenizes on the caller's
+thread ahead of `predict` (a server's request handlers), so the model's thread only packs and runs.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from compiled import (  # noqa: F401  (compile_count, cudagraph_skips: imported 
 )
 from families import default_position_offset, describe_family, family_of, packed_logits, padded_logits, uses_token_types
 from device_policy import device_defaults, inductor_settings, model_dtype  # device_defaults: imported from here too
-from pair_tokenizer import PairTokenizer, Ragged, chunk_bounds, validate_pairs
+from pair_tokenizer import EncodedPairs, PairTokenizer, Ragged, chunk_bounds, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
     TOKEN_MULTIPLE,
@@ -216,12 +217,21 @@ class DynamicCrossEncoder(CrossEncoder):
                 convert_to_numpy: bool = True, convert_to_tensor: bool = False, device=None, pool=None,
                 chunk_size: int | None = None, **kwargs):
         """Same contract as CrossEncoder.predict. Prompts, pools and device lists go to the
-        CrossEncoder implementation (uncompiled); everything else takes the fast path."""
+        CrossEncoder implementation (uncompiled); everything else takes the fast path. `inputs` may
+        also be `encode_pairs`' result: the pairs tokenized ahead, on another thread."""
         _check_int("batch_size", batch_size)
-        if prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs:
+        if isinstance(inputs, EncodedPairs):
+            if prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs:
+                raise ValueError("encoded inputs take the fast path only: no prompt, pool, device list or extra arguments")
+            if inputs.max_length != self.max_seq_length:
+                raise ValueError(f"inputs were encoded at max_length {inputs.max_length}, the model now truncates "
+                                 f"at {self.max_seq_length}: encode them again")
+            single, pairs = False, inputs
+        elif prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs:
             return super().predict(inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar, activation_fn=activation_fn, apply_softmax=apply_softmax, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device, pool=pool, chunk_size=chunk_size, **kwargs)
-        single = self.is_singular_input(inputs)
-        pairs = validate_pairs([inputs] if single else inputs)
+        else:
+            single = self.is_singular_input(inputs)
+            pairs = validate_pairs([inputs] if single else inputs)
         if self.max_seq_length > self.position_limit:
             raise ValueError(f"max_length must be <= {self.position_limit} (the model's position limit), got {self.max_seq_length}")
         scores = self._on_owner(self._predict_scores, pairs, batch_size, bool(show_progress_bar), activation_fn, device)
@@ -231,6 +241,11 @@ class DynamicCrossEncoder(CrossEncoder):
             scores = torch.softmax(scores, dim=1)
         out = scores if convert_to_tensor else scores.numpy() if convert_to_numpy else list(scores)
         return out[0] if single else out
+
+    def encode_pairs(self, pairs) -> EncodedPairs:
+        """Tokenize pairs on the calling thread, exactly as `predict` would; `predict(encoded)` then
+        skips its tokenization. Also gives each pair's token count before truncation."""
+        return self._pair_tokenizer().encode_pairs(validate_pairs(pairs))
 
     def warmup(self, pairs=None, batch_size: int = 32, *, show_progress_bar: bool = False) -> float:
         """Compile (and record) the shapes later calls will meet, largest first; returns the seconds.
@@ -321,6 +336,13 @@ class DynamicCrossEncoder(CrossEncoder):
         no warm shape falls back to eager (the default limit is 8)."""
         return max(8, len(self._warmup_shapes(batch_size)) + 1)
 
+    def _rows(self, n: int, batch_size: int) -> int:
+        """Rows of a batch of n pairs: the padded batch's rows, the packed batch's sequence slots (the
+        CPU grid's rows). A graph per shape: always batch_size. A dynamic graph: n, but 2 at least
+        (dynamo specializes a size of 1: a second compile) unless batch_size is 1. Never batch_size
+        when fewer pairs fit the token budget: each spare slot is a grid row of attention."""
+        return batch_size if self.graphs_per_shape else max(n, min(batch_size, 2) * self.compile_enabled)
+
     def _dummy_batch(self, shape, batch_size):
         """A batch of `shape` filled with full-length sequences, like a real full batch."""
         # the ids do not matter, only the shapes: a token that is not the pad
@@ -330,8 +352,9 @@ class DynamicCrossEncoder(CrossEncoder):
             n = max(1, min(batch_size, shape // length))
             lengths = np.full(n, length)
             # graphs per shape: exactly this token count; a dynamic graph: as _packed_batches makes it
-            return self._pack(np.full(n * length, token, dtype=np.int32), lengths, None, max_seqs=batch_size, pin=False,
-                              tokens=shape if self.graphs_per_shape else dynamic_tokens(lengths, batch_size))
+            rows = self._rows(n, batch_size)
+            return self._pack(np.full(n * length, token, dtype=np.int32), lengths, None, max_seqs=rows, pin=False,
+                              tokens=shape if self.graphs_per_shape else dynamic_tokens(lengths, rows))
         rows, width = shape
         return self._pad(np.full(rows * width, token, dtype=np.int32), np.full(rows, width), None, width=width)
 
@@ -382,7 +405,11 @@ class DynamicCrossEncoder(CrossEncoder):
         return restored
 
     def _encoded_chunks(self, pairs, batch_size, timings):
-        """Yields (row indices into pairs, Ragged ids) chunk by chunk, the next one tokenized ahead."""
+        """Yields (row indices into pairs, Ragged ids) chunk by chunk, the next one tokenized ahead;
+        encoded pairs in one chunk, as they are."""
+        if isinstance(pairs, EncodedPairs):
+            yield np.arange(len(pairs)), pairs.ids
+            return
         for rows, ragged, seconds in self._pair_tokenizer().encode_chunks(pairs, chunk_bounds(len(pairs), batch_size)):
             timings.tokenize_s += seconds
             yield rows, ragged
@@ -396,12 +423,9 @@ class DynamicCrossEncoder(CrossEncoder):
             order = np.argsort(-ids.lengths, kind="stable")
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                # per-shape graphs: a short last batch is filled up with copies of its own rows (their
-                # logits are dropped), so every batch has one of the shapes warmup() ran; a dynamic
-                # graph gets 2 rows at least, as dynamo specializes a size of 1 (a second compile),
-                # unless batch_size is 1 and every batch has that one shape
-                fill = batch_size if self.graphs_per_shape else max(len(rows), min(batch_size, 2) * self.compile_enabled)
-                part = ids.take(np.resize(rows, fill))
+                # a short batch is filled up with copies of its own rows (their logits are dropped): per-
+                # shape graphs get one of the shapes warmup() ran, a dynamic graph no size of 1 (_rows)
+                part = ids.take(np.resize(rows, self._rows(len(rows), batch_size)))
                 width = bucket_length(int(part.lengths.max()), self.bucket_multiple)
                 batch = self._pad(part.flat, part.lengths, part.types, width=width, rows=len(rows), pin=pin)
                 timings.pack_s += time.perf_counter() - t
@@ -423,9 +447,10 @@ class DynamicCrossEncoder(CrossEncoder):
                 span = slice(starts[lo], starts[hi])
                 lengths = ids.lengths[lo:hi]
                 # a graph per shape needs few token counts (TOKEN_MULTIPLE); a dynamic one takes a short tail
-                tokens = None if self.graphs_per_shape else dynamic_tokens(lengths, batch_size)
+                rows = self._rows(hi - lo, batch_size)
+                tokens = None if self.graphs_per_shape else dynamic_tokens(lengths, rows)
                 batch = self._pack(ids.flat[span], lengths, None if ids.types is None else ids.types[span],
-                                   max_seqs=batch_size, pin=pin, tokens=tokens)
+                                   max_seqs=rows, pin=pin, tokens=tokens)
                 timings.pack_s += time.perf_counter() - t
                 yield batch, chunk_rows[lo:hi]
                 t = time.perf_counter()

@@ -13,6 +13,7 @@ template or truncation side this does not reproduce, fall back to the transforme
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,11 +70,44 @@ class Ragged:
         return Ragged(self.flat[at], lengths, None if self.types is None else self.types[at])
 
     @classmethod
+    def concat(cls, parts: list[Ragged]) -> Ragged:
+        """The sequences of each part, in order."""
+        types = None if parts[0].types is None else np.concatenate([p.types for p in parts])
+        return cls(np.concatenate([p.flat for p in parts]), np.concatenate([p.lengths for p in parts]), types)
+
+    @classmethod
     def from_padded(cls, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None) -> Ragged:
         """(n, width) ids, attention mask (either padding side) and token types -> the real tokens."""
         real = np.asarray(mask).astype(bool)
         return cls(np.asarray(ids)[real].astype(np.int32), real.sum(1).astype(np.int64),
                    None if types is None else np.asarray(types)[real].astype(np.int32))
+
+
+@dataclass
+class EncodedPairs:
+    """Pairs tokenized ahead of the model call, on the caller's thread (a server's request handler):
+    ids as the model sees them (truncated at max_length), and each pair's token count before
+    truncation. Rows slice (`encoded[lo:hi]`) and join (`EncodedPairs.concat`) without re-encoding."""
+
+    ids: Ragged
+    untruncated: np.ndarray  # (n,) int64
+    max_length: int
+
+    def __len__(self) -> int:
+        return len(self.ids.lengths)
+
+    def __getitem__(self, rows: slice) -> EncodedPairs:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"EncodedPairs takes a contiguous slice of rows, got {rows!r}")
+        lo, hi, _ = rows.indices(len(self))
+        return EncodedPairs(self.ids.take(np.arange(lo, max(lo, hi))), self.untruncated[rows], self.max_length)
+
+    @classmethod
+    def concat(cls, parts: list[EncodedPairs]) -> EncodedPairs:
+        if len({p.max_length for p in parts}) != 1:
+            raise ValueError(f"parts encoded at different max_length: {sorted({p.max_length for p in parts})}")
+        return cls(Ragged.concat([p.ids for p in parts]), np.concatenate([p.untruncated for p in parts]),
+                   parts[0].max_length)
 
 
 def longest_first(n1: np.ndarray, n2: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +162,9 @@ class PairTokenizer:
 
     def __init__(self, tokenizer, max_length: int, *, token_types: bool = False, reference=None):
         self.tokenizer, self.max_length, self.token_types = tokenizer, max_length, token_types
+        # the transformers call sets truncation and padding on the shared backend: one call at a time
+        # (a server encodes on several threads; its private backend copy below needs no lock)
+        self._reference_lock = threading.Lock()
         self.reference = reference or self._transformers_call
         self.fallback_reason = self._unsupported(tokenizer)
         if self.fallback_reason is None:
@@ -182,8 +219,12 @@ class PairTokenizer:
         return "tokenizers backend, each distinct text once" + (", token types" if self.token_types else "")
 
     def encode(self, pairs) -> Ragged:
+        return self.encode_pairs(pairs).ids
+
+    def encode_pairs(self, pairs) -> EncodedPairs:
+        """The ids, and each pair's tokens before truncation: the texts' own tokens and the template's."""
         if self.fallback_reason:
-            return self._encode_reference(pairs)
+            return EncodedPairs(self._encode_reference(pairs), self._count_reference(pairs), self.max_length)
         (firsts, i1), (seconds, i2) = _distinct([a for a, _ in pairs]), _distinct([b for _, b in pairs])
         # one parallel encode for both sides: a call's threads are started once
         a = b = self._encode_texts(firsts + seconds)
@@ -191,6 +232,7 @@ class PairTokenizer:
         keep1, keep2 = longest_first(a.lengths[i1], b.lengths[i2], self.budget)
         (pre, pre_t), (mid, mid_t), (suf, suf_t) = self.prefix, self.middle, self.suffix
         p, m, s = len(pre), len(mid), len(suf)
+        untruncated = a.lengths[i1] + b.lengths[i2] + (p + m + s)
         total = int((keep1 + keep2).sum()) + len(pairs) * (p + m + s)
         out = Ragged(np.empty(total, dtype=np.int32), keep1 + keep2 + (p + m + s),
                      np.empty(total, dtype=np.int32) if self.token_types else None)
@@ -206,7 +248,7 @@ class PairTokenizer:
         if out.types is not None:
             for at, keep, value in ((at_a, keep1, self.text_types[0]), (at_b, keep2, self.text_types[1])):
                 out.types[np.repeat(at, keep) + ragged_arange(keep)] = value
-        return out
+        return EncodedPairs(out, untruncated.astype(np.int64), self.max_length)
 
     def encode_chunks(self, pairs, bounds):
         """Yields (row indices into pairs, Ragged ids, seconds spent encoding them) for each [lo, hi) of
@@ -238,8 +280,19 @@ class PairTokenizer:
                               max_length=self.max_length, padding=True, return_tensors="np",
                               return_token_type_ids=self.token_types)
 
+    def _count_reference(self, pairs) -> np.ndarray:
+        """Tokens of each pair before truncation where the fast path is off: each distinct text's own
+        tokens (the tokenizer call, no special tokens), plus the pair template's special tokens."""
+        texts, inverse = _distinct([t for pair in pairs for t in pair])
+        with self._reference_lock:
+            own = np.array([len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                           if texts else [], dtype=np.int64)
+        both = own[inverse].reshape(-1, 2).sum(1) if len(pairs) else np.zeros(0, dtype=np.int64)
+        return both + self.tokenizer.num_special_tokens_to_add(pair=True)
+
     def _encode_reference(self, pairs) -> Ragged:
-        enc = self.reference(list(pairs))
+        with self._reference_lock:
+            enc = self.reference(list(pairs))
         arrays = {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in enc.items()
                   if k in ("input_ids", "attention_mask", "token_type_ids")}
         types = arrays.get("token_type_ids") if self.token_types else None

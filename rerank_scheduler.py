@@ -6,8 +6,8 @@ model. The scheduler thread loads and warms the model, then loops:
     wait for a queued job -> wait up to max_wait_s for more, unless the token budget is full
     -> cut a group: pairs of queued jobs in arrival order, up to max_batch_tokens (a large job is
        split across groups, the rest stays at the head of the queue)
-    -> one predict call on the group (predict sorts by length, batches, and tokenizes each distinct
-       text once, so a job's query is tokenized once per group)
+    -> one predict call on the group (predict sorts by length and batches; the server hands in pairs
+       its request handlers tokenized, pair_tokenizer.EncodedPairs, so this thread never tokenizes)
     -> each job's logits into its own rows; a job's future resolves when all its pairs are scored.
 
 Every model call happens on this one thread: torch.compile's CUDA graphs are recorded and replayed
@@ -50,10 +50,10 @@ class ModelError(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's pairs. tokens: (n,) tokens per pair as the model sees them (truncated);
-    future -> (n,) float32 logits in the request's order."""
+    """One request's pairs (a list, or anything the scheduler's `join` takes: EncodedPairs); tokens: (n,)
+    tokens per pair as the model sees them (truncated); future -> (n,) float32 logits in the request's order."""
 
-    pairs: list
+    pairs: Any
     tokens: np.ndarray
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
@@ -64,30 +64,6 @@ class Job:
 
     def __post_init__(self):
         self.logits = np.zeros(len(self.pairs), dtype=np.float32)
-
-
-class TokenCounter:
-    """Tokens of each pair as the model would see them before truncation, each distinct text
-    encoded once (a rerank request's query once): ids(a) + ids(b) + the template's special tokens,
-    which is what CrossEncoder's tokenizer call makes of a pair when nothing is cut."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.special = tokenizer.num_special_tokens_to_add(pair=True)
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
-        if self.backend is not None:  # this instance is ours: no truncation or padding left set on it
-            self.backend.no_truncation()
-            self.backend.no_padding()
-
-    def __call__(self, pairs) -> np.ndarray:
-        """pairs (n,) -> (n,) int64 token counts."""
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        if self.backend is not None:
-            lengths = [len(e.ids) for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        else:
-            lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        n = dict(zip(texts, lengths))
-        return np.array([n[a] + n[b] + self.special for a, b in pairs], dtype=np.int64)
 
 
 class Metrics:
@@ -122,12 +98,15 @@ class Scheduler:
         max_wait_s: how long the oldest queued pair waits for others to fill the group.
         max_queue: pairs admitted and not yet scored; past it `submit` raises QueueFull.
         on_failure: called (on the scheduler thread) with the exception if `load` fails.
+        join: a group's parts (slices of jobs' pairs) -> predict's input (default: one list).
     """
 
     def __init__(self, load: Callable[[], Any], *, batch_size: int, max_batch_tokens: int,
                  max_batch_requests: int | None, max_wait_s: float, max_queue: int, metrics: Metrics | None = None,
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 join: Callable[[list], Any] | None = None):
         self.load, self.batch_size = load, batch_size
+        self.join = join or (lambda parts: [p for part in parts for p in part])
         self.max_batch_tokens, self.max_batch_requests = max_batch_tokens, max_batch_requests or math.inf
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
         self.metrics = metrics or Metrics()
@@ -246,7 +225,7 @@ class Scheduler:
         return group
 
     def _score(self, group: list[tuple[Job, int, int]]) -> None:
-        pairs = [p for job, lo, hi in group for p in job.pairs[lo:hi]]
+        pairs = self.join([job.pairs[lo:hi] for job, lo, hi in group])
         start = time.perf_counter()
         try:
             logits = self.model.predict(pairs, batch_size=self.batch_size, activation_fn=IDENTITY,

@@ -4,9 +4,9 @@
 
 Routes: POST /rerank (text-embeddings-inference's shape), POST /v1/rerank and /v2/rerank (Jina and
 Cohere's shape), POST /score (pairs in, scores out), GET /health, /info, /metrics (Prometheus).
-Handlers validate (pydantic), count tokens and hand a job to the one scheduler thread that owns the
-model (rerank_scheduler.py), which coalesces the documents of concurrent requests into token-budget
-predict calls. `python serve.py --benchmark` measures it under load (serve_bench.py).
+Handlers validate (pydantic), tokenize (the model's own tokenizer, off the event loop, each distinct
+text once) and hand a job to the one scheduler thread that owns the model (rerank_scheduler.py), which
+coalesces the documents of concurrent requests into token-budget predict calls on the ids as they are. `python serve.py --benchmark` measures it under load (serve_bench.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import benchmark
 import models
-from rerank_scheduler import Metrics, ModelError, NotAccepting, QueueFull, Scheduler, TokenCounter
+from rerank_scheduler import Metrics, ModelError, NotAccepting, QueueFull, Scheduler
 
 # The benchmark's model flags, with its help, choices and device defaults.
 MODEL_FLAGS = ("model", "device", "dtype", "packed", "max_length", "batch_size", "max_tokens_per_batch", "compile_mode")
@@ -196,17 +196,18 @@ class ClientGone(Exception):
 
 
 class Service:
-    """What the routes share: limits, the token counter, the scheduler, and facts for /info."""
+    """What the routes share: limits, the scheduler (and its model's tokenizer), and facts for /info."""
 
-    def __init__(self, cfg: ServeConfig, path: str, counter: TokenCounter):
-        self.cfg, self.path, self.counter = cfg, path, counter
+    def __init__(self, cfg: ServeConfig, path: str):
+        self.cfg, self.path = cfg, path
         self.metrics = Metrics()
         self.activation = None  # the model's, set once loaded: what predict applies by default
         self.info: dict[str, Any] = {}
         self.failed: BaseException | None = None
         self.scheduler = Scheduler(self._load, batch_size=cfg.bench.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                                    max_batch_requests=cfg.max_batch_requests, max_wait_s=cfg.max_wait_ms / 1e3,
-                                   max_queue=cfg.max_queue, metrics=self.metrics, on_failure=self._on_failure)
+                                   max_queue=cfg.max_queue, metrics=self.metrics, on_failure=self._on_failure,
+                                   join=lambda parts: parts[0].concat(parts))  # parts of encode_pairs' results
         self.on_fatal = lambda: None  # set by run(): stops the HTTP server
 
     def _load(self):
@@ -254,15 +255,19 @@ class Service:
                                 f"{cfg.max_client_batch_size}", "payload_limit")
         if not self.scheduler.ready.is_set():
             raise ApiError(503, f"the model is {self.status()}", "unavailable", {"Retry-After": "1"})
-        full = await asyncio.to_thread(self.counter, pairs) if pairs else np.zeros(0, dtype=np.int64)
-        limit = cfg.bench.max_length
+        if not pairs:
+            return np.zeros(0, dtype=np.float32), 0
+        # the one tokenization of the request (the query once), on a worker thread: the scheduler's
+        # thread only packs and runs the ids
+        encoded = await asyncio.to_thread(self.scheduler.model.encode_pairs, pairs)
+        full, limit = encoded.untruncated, cfg.bench.max_length
         if not truncate and (long := np.flatnonzero(full > limit)).size:
             i = int(long[0])
             raise ApiError(413, f"{field}[{i}] is {full[i]} tokens with the query, more than --max-length {limit}; "
                                 "send truncate: true to cut it", "payload_limit")
-        tokens = np.minimum(full, limit)
+        tokens = encoded.ids.lengths
         try:
-            job = self.scheduler.submit(pairs, tokens)
+            job = self.scheduler.submit(encoded, tokens)
         except QueueFull as e:
             raise ApiError(503, str(e), "overloaded", {"Retry-After": str(e.retry_after)}) from None
         except NotAccepting as e:
@@ -478,11 +483,10 @@ class Guard:
 def run(cfg: ServeConfig, path: str) -> int:
     """Serve until SIGTERM / Ctrl-C: stop accepting, finish what is queued; -> exit status."""
     import uvicorn
-    from transformers import AutoTokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    service = Service(cfg, path, TokenCounter(AutoTokenizer.from_pretrained(path)))
+    service = Service(cfg, path)
     app = create_app(service)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                            access_log=False, timeout_graceful_shutdown=None))

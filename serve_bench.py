@@ -1,16 +1,19 @@
 """`python serve.py --benchmark`: the rerank server under a bounded concurrent load.
 
-Three ways to score the same rerank workload (data.load_rerank: requests of one query and
+Four ways to score the same rerank workload (data.load_rerank: requests of one query and
 --docs documents), timed in turn on one machine:
 
     coalescing      the server as configured: documents of concurrent requests share predict calls
     one at a time   the server with --max-wait-ms 0 --max-batch-requests 1: one predict per request
     predict         in-process DynamicCrossEncoder.predict on all the pairs at once: the ceiling
+    predict per request  in-process, one call per request: the model alone with one request at a
+                    time; the two predict rows bound what coalescing can gain on this device
 
 Each server runs as its own process on a free loopback port; --clients async clients send the
 --requests requests (TEI /rerank, raw_scores) as fast as answers come back, after an untimed warm
-load. Reported: p50/p90/p99 request latency, pairs/s over the timed load's wall time, and the max
-|logit difference| between the server's scores and predict's for the same pairs.
+load, --rounds times. Reported: pairs/s over each timed load's wall time (the median round, and the
+slowest and fastest), p50/p90/p99 request latency over every round, and the max |logit difference|
+between the server's scores and predict's for the same pairs (predict: --rounds calls, the median).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def add_flags(p) -> None:
     add("--requests", type=int, default=128, help="--benchmark: timed requests per mode (default: 128)")
     add("--docs", type=int, default=16, help="--benchmark: documents per request (default: 16)")
     add("--seed", type=int, default=0, help="--benchmark: seed of the rerank workload (default: 0)")
+    add("--rounds", type=int, default=3, help="--benchmark: timed loads per mode, median reported (default: 3)")
     add("--json", default=None, help="--benchmark: write the results as JSON to this path")
 
 
@@ -49,8 +53,10 @@ class ModeResult:
     name: str
     requests: int
     pairs: int
-    seconds: float  # wall time of the timed load
-    pairs_per_s: float
+    seconds: float  # wall time of the median round
+    pairs_per_s: float  # the median round's
+    pairs_per_s_min: float
+    pairs_per_s_max: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -123,20 +129,28 @@ async def drive(url: str, items, clients: int) -> tuple[list[float], list[np.nda
     return latencies, scores, wall
 
 
-def summarize(name: str, latencies, pairs: int, seconds: float) -> ModeResult:
+def summarize(name: str, latencies, pairs: int, walls: list[float]) -> ModeResult:
+    """latencies of every round's requests; pairs per round; walls: each round's seconds."""
     p = bu.percentiles(latencies)
-    return ModeResult(name, len(latencies), pairs, seconds, pairs / seconds,
-                      p["p50"] * 1e3, p["p90"] * 1e3, p["p99"] * 1e3)
+    seconds = float(np.median(walls))
+    return ModeResult(name, len(latencies) // len(walls), pairs, seconds, pairs / seconds, pairs / max(walls),
+                      pairs / min(walls), p["p50"] * 1e3, p["p90"] * 1e3, p["p99"] * 1e3)
 
 
-def server_mode(cfg, path, name, items, warm, clients, *, one_at_a_time) -> tuple[ModeResult, list]:
+def server_mode(cfg, path, name, items, warm, clients, rounds, *, one_at_a_time) -> tuple[ModeResult, list]:
+    """-> the result, and each round's scores (per item, in document order)."""
     port = free_port()
     proc = subprocess.Popen(server_argv(cfg, path, port, one_at_a_time=one_at_a_time))
     url = f"http://127.0.0.1:{port}"
+    latencies, scores, walls = [], [], []
     try:
         asyncio.run(wait_ready(url, proc, STARTUP_TIMEOUT_S))
         asyncio.run(drive(url, warm, clients))  # untimed: connections, caches, shapes
-        latencies, scores, wall = asyncio.run(drive(url, items, clients))
+        for _ in range(rounds):
+            lat, got, wall = asyncio.run(drive(url, items, clients))
+            latencies += lat
+            scores.append(got)
+            walls.append(wall)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -144,13 +158,16 @@ def server_mode(cfg, path, name, items, warm, clients, *, one_at_a_time) -> tupl
         except subprocess.TimeoutExpired:
             proc.kill()
     pairs = sum(len(d) for _, d in items)
-    result = summarize(name, latencies, pairs, wall)
-    print(f"   {name}: {result.pairs_per_s:.1f} pairs/s, p50 {result.p50_ms:.0f} ms", flush=True)
+    result = summarize(name, latencies, pairs, walls)
+    print(f"   {name}: {result.pairs_per_s:.1f} pairs/s ({result.pairs_per_s_min:.1f}-{result.pairs_per_s_max:.1f} "
+          f"over {rounds} rounds), p50 {result.p50_ms:.0f} ms", flush=True)
     return result, scores
 
 
-def predict_mode(cfg, path, items, runs: int = 3) -> tuple[ModeResult, np.ndarray]:
-    """In-process predict on all the pairs in one call, `runs` times after a warm-up call."""
+def predict_mode(cfg, path, items, runs: int = 3) -> tuple[ModeResult, ModeResult, np.ndarray]:
+    """In-process predict, `runs` times each after a warm-up: all the pairs in one call (the ceiling),
+    then one call per request (what the model alone does with one request at a time: the most a
+    server without coalescing could reach) -> both results, and the one call's logits."""
     import torch
 
     from dynamic_cross_encoder import DynamicCrossEncoder
@@ -162,26 +179,43 @@ def predict_mode(cfg, path, items, runs: int = 3) -> tuple[ModeResult, np.ndarra
                                 model_kwargs={"dtype": b.torch_dtype}, compile_mode=b.compile_mode, packed=b.packed,
                                 max_tokens_per_batch=b.max_tokens_per_batch)
     model.warmup(batch_size=b.batch_size)
-    pairs = [(q, d) for q, docs in items for d in docs]
-    call = lambda: model.predict(pairs, batch_size=b.batch_size, activation_fn=torch.nn.Identity(),  # noqa: E731
-                                 show_progress_bar=False)
-    logits = call()
-    times = []
-    for _ in range(runs):
+
+    def call(pairs):
+        return model.predict(pairs, batch_size=b.batch_size, activation_fn=torch.nn.Identity(), show_progress_bar=False)
+
+    def timed(calls) -> tuple[list[float], float, list]:
+        """-> (each call's seconds, the wall seconds, each call's logits)"""
         bu.sync(b.device)
-        t = time.perf_counter()
-        call()
-        bu.sync(b.device)
-        times.append(time.perf_counter() - t)
-    result = summarize("predict (in-process, one call)", times, len(pairs), float(np.median(times)))
-    result.requests = len(items)
-    return result, np.asarray(logits, dtype=np.float64)
+        latencies, out, start = [], [], time.perf_counter()
+        for pairs in calls:
+            t = time.perf_counter()
+            out.append(call(pairs))
+            bu.sync(b.device)
+            latencies.append(time.perf_counter() - t)
+        return latencies, time.perf_counter() - start, out
+
+    every = [[(q, d) for q, docs in items for d in docs]]
+    per_request = [[(q, d) for d in docs] for q, docs in items]
+    results = []
+    for name, calls in (("predict (in-process, one call)", every), ("predict (in-process, a call per request)", per_request)):
+        _, _, out = timed(calls)  # warm: this call size's shapes
+        latencies, walls = [], []
+        for _ in range(runs):
+            lat, wall, _ = timed(calls)
+            latencies += lat
+            walls.append(wall)
+        result = summarize(name, latencies, len(every[0]), walls)
+        result.requests = len(items)
+        results.append((result, np.concatenate(out).astype(np.float64)))
+    (ceiling, logits), (single, single_logits) = results
+    single.max_abs_diff = float(np.abs(single_logits - logits).max())
+    return ceiling, single, logits
 
 
 def main(cfg, args, p) -> int:
     import serve
 
-    for name in ("clients", "requests", "docs"):
+    for name in ("clients", "requests", "docs", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.docs > cfg.max_client_batch_size or args.clients * args.docs > cfg.max_queue:
@@ -194,23 +228,28 @@ def main(cfg, args, p) -> int:
           + f", no_compile={cfg.no_compile}, threads={cfg.threads or 'torch default'}")
     print(f"load: {args.clients} clients, {args.requests} requests x {args.docs} documents", flush=True)
     if not bu.is_cuda(cfg.bench.device) and cfg.bench.model != "synthetic-tiny":
-        print("note: a full-size reranker scores about 1 pair/s per CPU core; --model synthetic-tiny measures "
+        print("note: a full-size reranker scores a few pairs/s per CPU core; --model synthetic-tiny measures "
               "the server on a CPU in minutes", flush=True)
     modes = []
-    coalesced, server_scores = server_mode(cfg, path, "coalescing", items, warm, args.clients, one_at_a_time=False)
-    single, single_scores = server_mode(cfg, path, "one at a time", items, warm, args.clients, one_at_a_time=True)
-    ceiling, ref = predict_mode(cfg, path, items)
-    for result, scores in ((coalesced, server_scores), (single, single_scores)):
-        result.max_abs_diff = float(np.abs(np.concatenate(scores) - ref).max())
+    rounds = args.rounds
+    coalesced, server_scores = server_mode(cfg, path, "coalescing", items, warm, args.clients, rounds,
+                                           one_at_a_time=False)
+    single, single_scores = server_mode(cfg, path, "one at a time", items, warm, args.clients, rounds,
+                                        one_at_a_time=True)
+    ceiling, per_request, ref = predict_mode(cfg, path, items, rounds)
+    for result, per_round in ((coalesced, server_scores), (single, single_scores)):
+        result.max_abs_diff = max(float(np.abs(np.concatenate(scores) - ref).max()) for scores in per_round)
         modes.append(result)
-    modes.append(ceiling)
+    modes += [ceiling, per_request]
     report = dict(config=dict(asdict(cfg.bench), no_compile=cfg.no_compile, max_wait_ms=cfg.max_wait_ms,
                               max_batch_tokens=cfg.max_batch_tokens),
-                  load=dict(clients=args.clients, requests=args.requests, docs=args.docs, seed=args.seed),
+                  load=dict(clients=args.clients, requests=args.requests, docs=args.docs, seed=args.seed,
+                            rounds=rounds),
                   environment=asdict(bu.environment(cfg.bench.device, cfg.bench.torch_dtype)),
                   model_source=serve.models.model_source(path), modes=[asdict(m) for m in modes],
                   coalescing_vs_predict=coalesced.pairs_per_s / ceiling.pairs_per_s,
-                  coalescing_vs_one_at_a_time=coalesced.pairs_per_s / single.pairs_per_s)
+                  coalescing_vs_one_at_a_time=coalesced.pairs_per_s / single.pairs_per_s,
+                  predict_one_call_vs_per_request=ceiling.pairs_per_s / per_request.pairs_per_s)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -220,13 +259,15 @@ def main(cfg, args, p) -> int:
 
 
 def format_table(report: dict) -> str:
-    rows = ["| mode | pairs/s | p50 ms | p90 ms | p99 ms | max abs logit diff vs predict |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| mode | pairs/s (median round) | slowest-fastest round | p50 ms | p90 ms | p99 ms | "
+            "max abs logit diff vs predict |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in report["modes"]:
         diff = "-" if m["max_abs_diff"] is None else f"{m['max_abs_diff']:.1e}"
-        rows.append(f"| {m['name']} | {m['pairs_per_s']:.1f} | {m['p50_ms']:.0f} | {m['p90_ms']:.0f} | "
-                    f"{m['p99_ms']:.0f} | {diff} |")
+        rows.append(f"| {m['name']} | {m['pairs_per_s']:.1f} | {m['pairs_per_s_min']:.1f}-{m['pairs_per_s_max']:.1f} | "
+                    f"{m['p50_ms']:.0f} | {m['p90_ms']:.0f} | {m['p99_ms']:.0f} | {diff} |")
     rows.append(f"\ncoalescing keeps {report['coalescing_vs_predict']:.0%} of in-process predict's pairs/s and runs "
-                f"{report['coalescing_vs_one_at_a_time']:.1f}x one request at a time ({report['model_source']}, "
-                f"{report['environment']['cpu']}, {report['config']['device']})")
+                f"{report['coalescing_vs_one_at_a_time']:.2f}x one request at a time; in-process, one call of every "
+                f"pair runs {report['predict_one_call_vs_per_request']:.2f}x a call per request: the most coalescing "
+                f"can gain from the model ({report['model_source']}, {report['environment']['cpu']}, "
+                f"{report['config']['device']})")
     return "\n".join(rows)

@@ -145,6 +145,25 @@ def test_padded_batches_are_bucketed_and_right_padded(eager, monkeypatch):
     assert eager.last_timings.batches == len(seen)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_predict_takes_pairs_encoded_ahead(tiny_model_dir, packed, monkeypatch):
+    """encode_pairs on the caller's thread, then predict without tokenizing: the same logits as
+    predict on the pairs; a stale encoding (max_length changed since) or a prompt is refused."""
+    model = DynamicCrossEncoder(tiny_model_dir, compile=False, packed=packed, device="cpu", model_kwargs=FP32)
+    pairs = workload(40, seed=3)
+    want = model.predict(pairs, batch_size=8, activation_fn=IDENTITY)
+    encoded = model.encode_pairs(pairs)
+    monkeypatch.setattr(model._pair_tokenizer(), "encode", lambda *a: pytest.fail("predict tokenized again"))
+    assert_same_logits(model.predict(encoded, batch_size=8, activation_fn=IDENTITY), want)
+    assert_same_logits(model.predict(encoded[5:9], batch_size=8, activation_fn=IDENTITY), want[5:9])
+    assert model.last_timings.real_tokens == int(encoded[5:9].ids.lengths.sum())
+    with pytest.raises(ValueError, match="prompt"):
+        model.predict(encoded, prompt="judge: ")
+    model.max_seq_length = 64
+    with pytest.raises(ValueError, match=r"encoded at max_length 512, the model now truncates at 64: encode them again"):
+        model.predict(encoded)
+
+
 def test_tokenization_equals_cross_encoder(eager, tiny_cross_encoder):
     ce = tiny_cross_encoder
     assert eager.max_seq_length == ce.max_seq_length

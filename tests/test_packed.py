@@ -242,18 +242,35 @@ def test_packed_batches_are_cut_from_length_sorted_chunks(packed_model, monkeypa
     its batches are cut, so like lengths share a batch; the scores still come back in the caller's order."""
     model = packed_model("sdpa_padded", False, max_tokens_per_batch=512)
     pairs = data.load_pairs(12, seed=5, min_sentences=1, max_sentences=8)
-    seen, tokens, pack = [], [], model._pack
+    seen, tokens, rows, pack = [], [], [], model._pack
     monkeypatch.setattr(model, "_pack", lambda flat, lengths, types, **kw: seen.append(list(lengths))
-                        or tokens.append(kw["tokens"]) or pack(flat, lengths, types, **kw))
+                        or tokens.append(kw["tokens"]) or rows.append(kw["max_seqs"]) or pack(flat, lengths, types, **kw))
     scores = model.predict(pairs, batch_size=3, activation_fn=IDENTITY)
     lengths = [n for batch in seen for n in batch]
-    # a dynamic graph: each batch's token count is dynamic_tokens' (a tail under 128, inside the grid)
-    assert tokens == [dynamic_tokens(np.array(b), 3) for b in seen]
+    # a dynamic graph: as many grid rows as the batch has pairs (the budget cuts some batches short),
+    # and each batch's token count is dynamic_tokens' for them (a tail under 128, inside the grid)
+    assert rows == [len(b) for b in seen] and min(rows) < 3
+    assert tokens == [dynamic_tokens(np.array(b), len(b)) for b in seen]
     assert len(seen) >= 4 and len(lengths) == 12 and lengths == sorted(lengths, reverse=True)
     given = list(model._encode(pairs).lengths)
     assert sorted(given, reverse=True) == lengths and given != lengths  # sorted here, not by the caller
     monkeypatch.undo()
     assert_same_logits(scores, model.predict(pairs[::-1], batch_size=3, activation_fn=IDENTITY)[::-1])
+
+
+@pytest.mark.parametrize("compiled, dynamic, n, batch_size, rows", [
+    (False, True, 1, 8, 1), (False, True, 5, 8, 5),  # eager: the pairs there are
+    (True, True, 1, 8, 2), (True, True, 5, 64, 5), (True, True, 1, 1, 1),  # dynamic: no size of 1 unless all are 1
+    (True, False, 1, 8, 8), (True, False, 5, 64, 64),  # a graph per shape: always batch_size
+])
+def test_batch_rows(packed_model, monkeypatch, compiled, dynamic, n, batch_size, rows):
+    """A batch's rows (the CPU grid's rows): a dynamic graph never pads to batch_size. A batch of 64 cut
+    to 12 pairs by the token budget once ran a 64-row grid: 3.8x the attention of the 12 pairs."""
+    model = packed_model("sdpa_padded", False)
+    monkeypatch.setattr(model, "compile_enabled", compiled)
+    monkeypatch.setattr(model, "dynamic", dynamic)
+    assert model.graphs_per_shape == (compiled and not dynamic)
+    assert model._rows(n, batch_size) == rows
 
 
 def test_dynamic_warmup_batches_are_packed_like_real_ones(packed_model):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import bench_utils as bu
 import data
-from pair_tokenizer import PairTokenizer, Ragged, longest_first, ragged_arange
+from pair_tokenizer import EncodedPairs, PairTokenizer, Ragged, longest_first, ragged_arange
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,38 @@ def test_rerank_reuses_the_query_and_truncates_like_the_pair(tokenizer, query, d
     assert as_lists(host.encode(pairs)) == reference_ids(tokenizer, pairs, max_length)
     # one parallel encode of each distinct text: the query once, then each distinct document once
     assert encoded == [[query] + list(dict.fromkeys(docs))]
+
+
+def untruncated_lengths(tokenizer, pairs) -> list[int]:
+    return [len(ids) for ids in tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=False)["input_ids"]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(pairs=st.lists(st.tuples(text, text), min_size=1, max_size=10), max_length=st.sampled_from([32, 127, 512]))
+def test_encode_pairs_counts_the_tokens_before_truncation(tokenizer, pairs, max_length):
+    """A server refuses a pair longer than max_length (truncate: false) by this count, and queues by
+    the ids: both from one encode. The fallback (no backend) counts the same."""
+    want = untruncated_lengths(tokenizer, pairs)
+    for host in (PairTokenizer(tokenizer, max_length), PairTokenizer(_NoBackend(tokenizer), max_length)):
+        got = host.encode_pairs(pairs)
+        assert got.untruncated.tolist() == want and got.max_length == max_length
+        assert as_lists(got.ids) == reference_ids(tokenizer, pairs, max_length)
+
+
+def test_encoded_pairs_slice_and_concat(tokenizer):
+    pairs = [("q", "lorem"), ("q", ""), ("q", "ipsum dolor sit"), ("r", "amet")]
+    enc = PairTokenizer(tokenizer, 64).encode_pairs(pairs)
+    parts = [enc[0:1], enc[1:3], enc[3:], enc[4:]]
+    assert [len(p) for p in parts] == [1, 2, 1, 0]
+    assert as_lists(parts[1].ids) == reference_ids(tokenizer, pairs[1:3], 64)
+    assert parts[1].untruncated.tolist() == untruncated_lengths(tokenizer, pairs[1:3])
+    joined = EncodedPairs.concat([parts[2], parts[0], parts[1]])
+    assert as_lists(joined.ids) == reference_ids(tokenizer, pairs[3:] + pairs[:3], 64)
+    assert joined.untruncated.tolist() == untruncated_lengths(tokenizer, pairs[3:] + pairs[:3])
+    with pytest.raises(TypeError, match="contiguous slice"):
+        enc[::2]
+    with pytest.raises(ValueError, match=r"different max_length: \[32, 64\]"):
+        EncodedPairs.concat([enc, PairTokenizer(tokenizer, 32).encode_pairs(pairs)])
 
 
 class _Spy:
@@ -112,6 +144,9 @@ class _NoBackend:
 
     def __call__(self, *args, **kwargs):
         return self._tokenizer(*args, **kwargs)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return self._tokenizer.num_special_tokens_to_add(pair=pair)
 
 
 def test_tokenizer_without_backend_falls_back_and_says_so(tokenizer):

@@ -5,6 +5,7 @@ failing request gets. The real server process is tested in test_serve.py."""
 import asyncio
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -16,11 +17,33 @@ import serve
 from test_serve import TIMEOUT, by_index, scrape
 
 
+class FakeEncoded(list):
+    """What FakeModel.encode_pairs gives: the pairs, a token a character; slices and joins as EncodedPairs does."""
+
+    @property
+    def untruncated(self):
+        return np.array([len(a) + len(b) for a, b in self], dtype=np.int64)
+
+    @property
+    def ids(self):
+        return types.SimpleNamespace(lengths=self.untruncated)
+
+    def __getitem__(self, rows):
+        return FakeEncoded(list.__getitem__(self, rows))
+
+    @classmethod
+    def concat(cls, parts):
+        return cls(p for part in parts for p in part)
+
+
 class FakeModel:
     """predict -> one logit per pair (its texts' lengths); raises on a pair holding "boom"."""
 
     def __init__(self, gate: threading.Event | None = None):
         self.calls, self.gate = [], gate
+
+    def encode_pairs(self, pairs):
+        return FakeEncoded(pairs)
 
     def predict(self, pairs, batch_size, activation_fn, show_progress_bar):
         self.calls.append(list(pairs))
@@ -122,10 +145,8 @@ def test_full_queue_and_warming_up_refuse():
 def test_app_503_until_warm_and_500_for_a_failing_request(tiny_model_dir):
     """The app in-process (ASGI) on a scheduler whose model loads when the test says so and fails on
     "boom": 503 while warming up, then a 500 for the failing request only."""
-    from transformers import AutoTokenizer
-
     cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--no-compile"])
-    service = serve.Service(cfg, tiny_model_dir, serve.TokenCounter(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    service = serve.Service(cfg, tiny_model_dir)
     gate = threading.Event()
 
     def load():
@@ -161,4 +182,50 @@ def test_app_503_until_warm_and_500_for_a_failing_request(tiny_model_dir):
         assert scrape(text, "rerank_requests_total", route="/health", status="503") == 1
     finally:
         gate.set()
+        assert service.scheduler.stop(10)
+
+
+class _RecordingBackend:
+    """The model's private tokenizers backend, recording each encode: (thread, texts)."""
+
+    def __init__(self, backend, log):
+        self._backend, self._log = backend, log
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self._log.append((threading.get_ident(), list(texts)))
+        return self._backend.encode_batch_fast(texts, **kwargs)
+
+
+def test_requests_are_tokenized_once_off_the_model_thread(tiny_model_dir):
+    """Each request is tokenized once, its query once, by the handler (a worker thread of the event
+    loop); the thread that runs the model only packs and runs the ids. Scores equal predict's."""
+    cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--no-compile", "--dtype", "float32",
+                             "--max-wait-ms", "50"])
+    service = serve.Service(cfg, tiny_model_dir)
+    app = serve.create_app(service)
+    service.scheduler.start()
+    assert service.scheduler.ready.wait(60)
+    model = service.scheduler.model
+    host = model._pair_tokenizer()
+    log = []
+    host.backend = _RecordingBackend(host.backend, log)
+    docs = ["lorem ipsum", "dolor sit amet", "", "consectetur " * 40, "lorem ipsum"]
+    requests = [(f"query {i}", docs[i % 3:]) for i in range(6)]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app",
+                                     timeout=TIMEOUT) as c:
+            answers = await asyncio.gather(*(c.post("/rerank", json={"query": q, "texts": d, "raw_scores": True})
+                                             for q, d in requests))
+        return [by_index(r.json(), len(d), "score") for r, (_, d) in zip(answers, requests)]
+
+    try:
+        got = asyncio.run(asyncio.wait_for(go(), 60))
+        assert model._owner_ident not in {thread for thread, _ in log}, "the model's thread tokenized"
+        assert sorted(texts for _, texts in log) == sorted([q] + list(dict.fromkeys(d)) for q, d in requests)
+        assert service.metrics.batch_requests._sum.get() == len(requests)  # scored, in coalesced calls
+        for (q, d), scores in zip(requests, got):
+            want = model.predict([(q, x) for x in d], activation_fn=torch.nn.Identity())
+            np.testing.assert_allclose(scores, want, rtol=0, atol=1e-6)  # fp32, other batch companions
+    finally:
         assert service.scheduler.stop(10)

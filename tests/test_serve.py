@@ -410,3 +410,51 @@ def test_bad_flags_exit_2_with_one_line(flags, says):
     r = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--device", "cpu", *flags], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_summary_takes_the_median_round_and_the_spread():
+    import serve_bench
+
+    r = serve_bench.summarize("m", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 100, [2.0, 1.0, 4.0])
+    assert (r.requests, r.pairs, r.seconds) == (2, 100, 2.0)  # requests per round
+    assert (r.pairs_per_s, r.pairs_per_s_min, r.pairs_per_s_max) == (50.0, 25.0, 100.0)
+    assert r.p50_ms == pytest.approx(350.0) and r.p99_ms == pytest.approx(595.0)
+
+
+def test_load_benchmark_end_to_end(tiny_model_dir, tmp_path):
+    """`serve.py --benchmark` on the uncompiled tiny twin, a small load: both servers and predict score
+    every pair; the ratios are the modes' own pairs/s; the table says what was run."""
+    out = tmp_path / "load.json"
+    argv = [sys.executable, str(ROOT / "serve.py"), "--benchmark", "--model", tiny_model_dir, "--device", "cpu",
+            "--no-compile", "--dtype", "float32", "--threads", "1", "--clients", "3", "--requests", "5",
+            "--docs", "4", "--rounds", "2", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    modes = {m["name"]: m for m in report["modes"]}
+    coalescing, single = modes["coalescing"], modes["one at a time"]
+    ceiling = modes["predict (in-process, one call)"]
+    per_request = modes["predict (in-process, a call per request)"]
+    assert report["load"] == dict(clients=3, requests=5, docs=4, seed=0, rounds=2)
+    for m in (coalescing, single, ceiling, per_request):
+        assert (m["requests"], m["pairs"]) == (5, 20)
+        assert m["pairs_per_s_min"] <= m["pairs_per_s"] <= m["pairs_per_s_max"]
+        assert m["pairs_per_s"] == pytest.approx(20 / m["seconds"])
+    for m in (coalescing, single, per_request):  # every round's scores against predict's in one call
+        assert 0 <= m["max_abs_diff"] < LOGIT_TOL
+    assert per_request["p50_ms"] < ceiling["p50_ms"]  # the latency of a call of 4 pairs, not of 20
+    assert report["predict_one_call_vs_per_request"] == pytest.approx(ceiling["pairs_per_s"] / per_request["pairs_per_s"])
+    assert report["coalescing_vs_predict"] == pytest.approx(coalescing["pairs_per_s"] / ceiling["pairs_per_s"])
+    assert report["coalescing_vs_one_at_a_time"] == pytest.approx(coalescing["pairs_per_s"] / single["pairs_per_s"])
+    assert report["config"]["dtype"] == "float32" and report["config"]["no_compile"] is True
+    assert "random-weight synthetic twin" in report["model_source"]
+    assert f"coalescing keeps {report['coalescing_vs_predict']:.0%} of in-process predict's pairs/s" in done.stdout
+    assert "load: 3 clients, 5 requests x 4 documents" in done.stdout
+
+
+def test_load_benchmark_rejects_bad_load_flags(tiny_model_dir):
+    for flag, value in (("--rounds", "0"), ("--clients", "0"), ("--docs", "-1")):
+        done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--benchmark", "--model", tiny_model_dir,
+                               flag, value], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 2 and f"{flag[2:]} must be >= 1, got {value}" in done.stderr
+        assert "Traceback" not in done.stderr
