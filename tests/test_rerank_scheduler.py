@@ -11,10 +11,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 import rerank_scheduler as rs
 import serve
 from test_serve import TIMEOUT, by_index, scrape
+from test_serve import TOL as SCORE_TOL
 
 
 class FakeEncoded(list):
@@ -196,36 +198,48 @@ class _RecordingBackend:
         return self._backend.encode_batch_fast(texts, **kwargs)
 
 
-def test_requests_are_tokenized_once_off_the_model_thread(tiny_model_dir):
-    """Each request is tokenized once, its query once, by the handler (a worker thread of the event
-    loop); the thread that runs the model only packs and runs the ids. Scores equal predict's."""
-    cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--no-compile", "--dtype", "float32",
+@pytest.mark.parametrize("family", ["xlm-roberta", "bert", "qwen3-reranker"])
+def test_requests_are_tokenized_once_off_the_model_thread(family, tiny_model_dir, family_twin_dir):
+    """Each request is tokenized once by its handler (a worker thread of the event loop), its query
+    once where the fast tokenizer runs; the thread that runs the model only packs and runs the ids.
+    Scores equal predict's: BERT's token types and the generative reranker's prompt template (the
+    tokenizer's fallback, CrossEncoder's own call) survive the slicing and joining of coalesced calls."""
+    path = tiny_model_dir if family == "xlm-roberta" else family_twin_dir(family)
+    cfg, _, _ = serve.parse(["--model", path, "--device", "cpu", "--no-compile", "--dtype", "float32",
                              "--max-wait-ms", "50"])
-    service = serve.Service(cfg, tiny_model_dir)
+    service = serve.Service(cfg, path)
     app = serve.create_app(service)
     service.scheduler.start()
     assert service.scheduler.ready.wait(60)
     model = service.scheduler.model
     host = model._pair_tokenizer()
-    log = []
-    host.backend = _RecordingBackend(host.backend, log)
+    assert (host.fallback_reason is not None) == (family == "qwen3-reranker")
+    calls, texts = [], []  # (thread, pairs) per encode; (thread, texts) per backend encode
+    encode = host.encode_pairs
+    host.encode_pairs = lambda pairs: calls.append((threading.get_ident(), list(pairs))) or encode(pairs)
+    host.backend = _RecordingBackend(host.backend, texts)
     docs = ["lorem ipsum", "dolor sit amet", "", "consectetur " * 40, "lorem ipsum"]
     requests = [(f"query {i}", docs[i % 3:]) for i in range(6)]
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app",
                                      timeout=TIMEOUT) as c:
-            answers = await asyncio.gather(*(c.post("/rerank", json={"query": q, "texts": d, "raw_scores": True})
-                                             for q, d in requests))
+            answers = await asyncio.gather(*(c.post("/rerank", json={"query": q, "texts": d}) for q, d in requests))
         return [by_index(r.json(), len(d), "score") for r, (_, d) in zip(answers, requests)]
 
     try:
         got = asyncio.run(asyncio.wait_for(go(), 60))
-        assert model._owner_ident not in {thread for thread, _ in log}, "the model's thread tokenized"
-        assert sorted(texts for _, texts in log) == sorted([q] + list(dict.fromkeys(d)) for q, d in requests)
-        assert service.metrics.batch_requests._sum.get() == len(requests)  # scored, in coalesced calls
+        assert model._owner_ident not in {thread for thread, _ in calls + texts}, "the model's thread tokenized"
+        assert sorted(pairs for _, pairs in calls) == sorted([(q, x) for x in d] for q, d in requests)
+        if host.fallback_reason is None:  # one parallel encode a request: the query once, each document once
+            assert sorted(t for _, t in texts) == sorted([q] + list(dict.fromkeys(d)) for q, d in requests)
+        metrics = generate_latest(service.metrics.registry).decode()
+        # every request scored, in fewer predict calls than requests: coalesced
+        assert scrape(metrics, "rerank_batch_requests_sum") == len(requests)
+        assert 1 <= scrape(metrics, "rerank_batch_requests_count") < len(requests)
         for (q, d), scores in zip(requests, got):
-            want = model.predict([(q, x) for x in d], activation_fn=torch.nn.Identity())
-            np.testing.assert_allclose(scores, want, rtol=0, atol=1e-6)  # fp32, other batch companions
+            want = model.predict([(q, x) for x in d])  # the model's activation, as the route applies it
+            # fp32; only the batch companions differ (summation order): test_serve's score tolerance
+            np.testing.assert_allclose(scores, want, rtol=0, atol=SCORE_TOL)
     finally:
         assert service.scheduler.stop(10)
