@@ -2,6 +2,9 @@
 CrossEncoder makes (`longest_first` at max_length), pair by pair, for any texts; each distinct text
 is encoded once; tokenizers it cannot reproduce fall back to that call and say so."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -154,6 +157,47 @@ def test_tokenizer_without_backend_falls_back_and_says_so(tokenizer):
     assert host.describe() == "CrossEncoder's tokenization (_NoBackend has no `tokenizers` backend)"
     pairs = [("lorem ipsum", "dolor"), ("", " ".join(data.SENTENCES[:20]))]
     assert as_lists(host.encode(pairs)) == reference_ids(tokenizer, pairs, 64)
+
+
+class _OneAtATime(_NoBackend):
+    """A tokenizer whose transformers call notes when two threads are inside it at once (a slow call
+    widens the window), which on a real tokenizer lets one thread's settings reach another's encode."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.inside, self.overlaps, self._count = 0, 0, threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._count:
+            self.inside += 1
+            self.overlaps += self.inside > 1
+        try:
+            time.sleep(0.002)
+            return super().__call__(*args, **kwargs)
+        finally:
+            with self._count:
+                self.inside -= 1
+
+
+def test_fallback_tokenizer_calls_are_serialized(tokenizer):
+    """A server encodes requests on several threads. The transformers call sets truncation on the
+    tokenizer it shares: unserialized, one thread's count (no truncation) lands between another's
+    truncation and its encode, which then silently keeps every token (155 ids at max_length 32, seen
+    on this tokenizer). So the fallback's calls (encode and count) run one at a time."""
+    shared = _OneAtATime(tokenizer)
+    host = PairTokenizer(shared, 32)
+    pairs = [("lorem ipsum dolor " * 50, "sit"), ("amet", "consectetur " * 40)]
+    want = host.encode_pairs(pairs)
+    got = []
+    threads = [threading.Thread(target=lambda: got.extend(host.encode_pairs(pairs) for _ in range(5))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and len(got) == 20
+    assert shared.overlaps == 0, "two threads were inside the shared tokenizer at once"
+    assert all(as_lists(g.ids) == as_lists(want.ids) and g.untruncated.tolist() == want.untruncated.tolist()
+               for g in got)
 
 
 def test_left_truncation_falls_back(tokenizer, monkeypatch):
