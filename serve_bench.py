@@ -61,6 +61,7 @@ class ModeResult:
     p90_ms: float
     p99_ms: float
     max_abs_diff: float | None = None  # |logit - predict's logit|, max over every pair
+    rounds_pairs_per_s: list[float] | None = None  # each round's, in order
 
 
 def free_port() -> int:
@@ -134,7 +135,8 @@ def summarize(name: str, latencies, pairs: int, walls: list[float]) -> ModeResul
     p = bu.percentiles(latencies)
     seconds = float(np.median(walls))
     return ModeResult(name, len(latencies) // len(walls), pairs, seconds, pairs / seconds, pairs / max(walls),
-                      pairs / min(walls), p["p50"] * 1e3, p["p90"] * 1e3, p["p99"] * 1e3)
+                      pairs / min(walls), p["p50"] * 1e3, p["p90"] * 1e3, p["p99"] * 1e3,
+                      rounds_pairs_per_s=[pairs / w for w in walls])
 
 
 def server_mode(cfg, path, name, items, warm, clients, rounds, *, one_at_a_time) -> tuple[ModeResult, list]:

@@ -420,6 +420,7 @@ def test_summary_takes_the_median_round_and_the_spread():
     r = serve_bench.summarize("m", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 100, [2.0, 1.0, 4.0])
     assert (r.requests, r.pairs, r.seconds) == (2, 100, 2.0)  # requests per round
     assert (r.pairs_per_s, r.pairs_per_s_min, r.pairs_per_s_max) == (50.0, 25.0, 100.0)
+    assert r.rounds_pairs_per_s == [50.0, 100.0, 25.0]
     assert r.p50_ms == pytest.approx(350.0) and r.p99_ms == pytest.approx(595.0)
 
 
@@ -440,7 +441,7 @@ def test_load_benchmark_end_to_end(tiny_model_dir, tmp_path):
     assert report["load"] == dict(clients=3, requests=5, docs=4, seed=0, rounds=2)
     for m in (coalescing, single, ceiling, per_request):
         assert (m["requests"], m["pairs"]) == (5, 20)
-        assert m["pairs_per_s_min"] <= m["pairs_per_s"] <= m["pairs_per_s_max"]
+        assert m["pairs_per_s_min"] <= m["pairs_per_s"] <= m["pairs_per_s_max"] and len(m["rounds_pairs_per_s"]) == 2
         assert m["pairs_per_s"] == pytest.approx(20 / m["seconds"])
     for m in (coalescing, single, per_request):  # every round's scores against predict's in one call
         assert 0 <= m["max_abs_diff"] < LOGIT_TOL
