@@ -6,7 +6,8 @@ Routes: POST /rerank (text-embeddings-inference's shape), POST /v1/rerank and /v
 Cohere's shape), POST /score (pairs in, scores out), GET /health, /info, /metrics (Prometheus).
 Handlers validate (pydantic), tokenize (the model's own tokenizer, off the event loop, each distinct
 text once) and hand a job to the one scheduler thread that owns the model (rerank_scheduler.py), which
-coalesces the documents of concurrent requests into token-budget predict calls on the ids as they are. `python serve.py --benchmark` measures it under load (serve_bench.py).
+coalesces the documents of concurrent requests into token-budget predict calls on those ids.
+`python serve.py --benchmark` measures it under load (serve_bench.py).
 """
 
 from __future__ import annotations
