@@ -220,14 +220,15 @@ class DynamicCrossEncoder(CrossEncoder):
         CrossEncoder implementation (uncompiled); everything else takes the fast path. `inputs` may
         also be `encode_pairs`' result: the pairs tokenized ahead, on another thread."""
         _check_int("batch_size", batch_size)
+        slow_path = prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs
         if isinstance(inputs, EncodedPairs):
-            if prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs:
+            if slow_path:
                 raise ValueError("encoded inputs take the fast path only: no prompt, pool, device list or extra arguments")
             if inputs.max_length != self.max_seq_length:
                 raise ValueError(f"inputs were encoded at max_length {inputs.max_length}, the model now truncates "
                                  f"at {self.max_seq_length}: encode them again")
             single, pairs = False, inputs
-        elif prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs:
+        elif slow_path:
             return super().predict(inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar, activation_fn=activation_fn, apply_softmax=apply_softmax, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device, pool=pool, chunk_size=chunk_size, **kwargs)
         else:
             single = self.is_singular_input(inputs)
