@@ -305,6 +305,11 @@ async def until_disconnect(request: Request, future):
     return result.result()
 
 
+async def server_failed(request, e: ServerFailed) -> JSONResponse:
+    """503: the device's fault, not the request's; another replica (or this one, restarted) can score it."""
+    return JSONResponse({"error": str(e), "error_type": "failed"}, status_code=503)
+
+
 def versions() -> dict:
     names = ("torch", "transformers", "sentence-transformers", "tokenizers", "fastapi", "uvicorn", "pydantic",
              "prometheus-client")
@@ -355,10 +360,7 @@ def create_app(service: Service) -> FastAPI:
     async def api_error(request, e: ApiError):
         return JSONResponse({"error": e.message, "error_type": e.kind}, status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(ServerFailed)  # the server's fault, not the request's: another replica can score it
-    async def server_failed(request, e: ServerFailed):
-        return JSONResponse({"error": str(e), "error_type": "failed"}, status_code=503)
-
+    app.add_exception_handler(ServerFailed, server_failed)
     @app.exception_handler(ClientGone)
     async def client_gone(request, e):
         return Response(status_code=CLIENT_GONE)

@@ -355,18 +355,10 @@ APP_KINDS = [k for k in ERROR_KINDS if k[0] in ("OutOfMemoryError", "ValueError"
      "RuntimeError: CUDA error: CUBLAS_STATUS_EXEC", "RuntimeError: cuDNN error: CUDNN_STATUS_EXEC"))]
 
 
-@pytest.mark.parametrize("make, sticky", error_params(APP_KINDS))
-def test_app_answers_503_and_fails_health_once_the_device_is_lost(tiny_model_dir, make, sticky):
-    """The app in-process on a model that raises `make()` on "boom": one request in flight holds it,
-    another shares its predict call, a third waits in the queue. A lost device: all three get 503
-    naming the device, /health says failed, later requests get 503 and the server is told to stop.
-    Any other error: a 500 for the failing request only, the others scored, the server stays ok."""
-    cfg, _, _ = serve.parse(["--model", tiny_model_dir, "--device", "cpu", "--no-compile", "--max-wait-ms", "300"])
-    service = serve.Service(cfg, tiny_model_dir)
-    stopping = threading.Event()
-    service.on_fatal = stopping.set
-    gate = threading.Event()
-    model = FakeModel(gate, {"boom": make})
+def fake_app(model_dir: str, model: FakeModel, *flags: str):
+    """-> (Service, app) on `model`, the scheduler started; the model loads at once."""
+    cfg, _, _ = serve.parse(["--model", model_dir, "--device", "cpu", "--no-compile", *flags])
+    service = serve.Service(cfg, model_dir)
 
     def load():
         service.activation, service.info = torch.sigmoid, {"model": "fake"}
@@ -375,13 +367,27 @@ def test_app_answers_503_and_fails_health_once_the_device_is_lost(tiny_model_dir
     service.scheduler.load = load
     app = serve.create_app(service)
     service.scheduler.start()
+    return service, app
 
-    async def until(condition):
-        for _ in range(500):
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("timed out")
+
+async def until(condition, seconds: float = 5.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("make, sticky", error_params(APP_KINDS))
+def test_app_answers_503_and_fails_health_once_the_device_is_lost(tiny_model_dir, make, sticky):
+    """The app in-process on a model that raises `make()` on "boom": one request in flight holds it,
+    another shares its predict call, a third waits in the queue. A lost device: all three get 503
+    naming the device, /health says failed, later requests get 503 and the server is told to stop.
+    Any other error: a 500 for the failing request only, the others scored, the server stays ok."""
+    gate = threading.Event()
+    model = FakeModel(gate, {"boom": make})
+    service, app = fake_app(tiny_model_dir, model, "--max-wait-ms", "300")
+    stopping = threading.Event()
+    service.on_fatal = stopping.set
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app",
