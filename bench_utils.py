@@ -6,7 +6,7 @@ The timing protocol is the original one: untimed warm-up calls, then one timed c
 (fresh inputs per run: the caller seeds each workload differently), `torch.cuda.synchronize()`
 before and after each call, mean +- std over the last 5 runs.
 
-This module takes callables and numbers; of the project it imports only packing.py's probes.
+This module takes callables and numbers; of the project it imports packing.py's probes, compiled.py's timing event.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from compiled import timing_event
 from packing import flash_attn_available, is_cuda  # is_cuda: the one "is this CUDA" test of the bench code
 
 LAST_N = 5  # the original reported mean +- std over the last 5 of 10 runs
@@ -253,13 +254,12 @@ def _time_matmul(a: torch.Tensor, b: torch.Tensor, iters: int) -> float:
         for _ in range(iters):
             a @ b
         return (time.perf_counter() - t0) / iters
-    # events: the matmuls queue back to back, so host timing would add launch gaps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # events on a's device's stream (cuda:N need not be the current device): host timing would add launch gaps
     torch.cuda.synchronize(a.device)
-    start.record()
+    start = timing_event(a.device)
     for _ in range(iters):
         a @ b
-    end.record()
+    end = timing_event(a.device)
     torch.cuda.synchronize(a.device)
     return start.elapsed_time(end) / 1e3 / iters
 

@@ -12,13 +12,16 @@ model. The scheduler thread loads and warms the model, then loops:
 
 Every model call happens on this one thread: torch.compile's CUDA graphs are recorded and replayed
 per thread. A failing predict on a group of several jobs is retried job by job, so only the job
-whose pairs fail gets the error.
+whose pairs fail gets the error. A lost device (`is_device_failure`) is not retried: every job in
+flight or queued fails with ServerFailed, the thread ends and the server is told (`on_failure`), as
+when the model fails to load.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import re
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -30,6 +33,29 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 IDENTITY = torch.nn.Identity()  # the scheduler keeps logits; each request applies its own activation
+ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", None)  # torch >= 2.8: what a failed CUDA call raises
+# An error of the CUDA stack (runtime, driver, cuBLAS, cuDNN, triton's launcher), as torch and triton word it...
+CUDA_STACK = re.compile(r"CUDA (driver )?error|Triton Error \[CUDA\]|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error", re.I)
+# ...that leaves the CUDA context usable: memory ran short, or a call's arguments were refused before it ran.
+RECOVERABLE = re.compile(r"out of memory|_ALLOC_FAILED|invalid (configuration )?argument|too many resources "
+                         r"requested for launch|_NOT_SUPPORTED|_INVALID_VALUE|_BAD_PARAM", re.I)
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) lost the device: an illegal address, a device-side assert,
+    a failed launch leave the CUDA context broken, and every later call in the process fails the same
+    way. Out of memory is not such an error (torch.OutOfMemoryError, "CUDA out of memory. Tried to
+    allocate ...": the model splits the batch and retries, what still fails fails its request), nor
+    is a request's own bad input."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError):
+            accelerator = ACCELERATOR_ERROR is not None and isinstance(error, ACCELERATOR_ERROR)
+            if (accelerator or CUDA_STACK.search(str(error))) and not RECOVERABLE.search(str(error)):
+                return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class QueueFull(Exception):
@@ -46,6 +72,10 @@ class NotAccepting(Exception):
 
 class ModelError(Exception):
     """predict raised on this job's pairs; the message names the exception."""
+
+
+class ServerFailed(Exception):
+    """The model can no longer serve (its device is lost, or it failed to load): no job will be scored."""
 
 
 @dataclass(eq=False)
@@ -97,7 +127,8 @@ class Scheduler:
         max_batch_requests: requests per group (None: no limit; 1: one request at a time).
         max_wait_s: how long the oldest queued pair waits for others to fill the group.
         max_queue: pairs admitted and not yet scored; past it `submit` raises QueueFull.
-        on_failure: called (on the scheduler thread) with the exception if `load` fails.
+        on_failure: called (on the scheduler thread) with the exception once the model can no longer
+            serve: `load` failed, or the device was lost; the server should exit and be restarted.
         join: a group's parts (slices of jobs' pairs) -> predict's input (default: one list).
     """
 
@@ -114,6 +145,7 @@ class Scheduler:
         self.model = None
         self.ready = threading.Event()
         self.draining = False
+        self.failure: ServerFailed | None = None  # set once the model can no longer serve
         self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._admitted = 0  # pairs admitted and not yet scored or dropped
@@ -128,12 +160,14 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, pairs: list, tokens) -> Job:
-        """Queue a job; raises NotAccepting (warming up, draining) or QueueFull."""
+        """Queue a job; raises ServerFailed, NotAccepting (warming up, draining) or QueueFull."""
         job = Job(pairs, np.asarray(tokens, dtype=np.int64))
         if not pairs:
             job.future.set_result(job.logits)
             return job
         with self._cv:
+            if self.failure is not None:
+                raise ServerFailed(str(self.failure))
             if self.draining or not self.ready.is_set():
                 raise NotAccepting("the server is draining" if self.draining else "the model is warming up")
             if self._admitted + len(pairs) > self.max_queue:
@@ -177,17 +211,33 @@ class Scheduler:
     # --- the scheduler thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        group = []
         try:
             self.model = self.load()
+            self.ready.set()
+            while (group := self._next_group()) is not None:
+                self._score(group)
         except BaseException as e:  # noqa: BLE001 - reported to the server, which exits non-zero
-            with self._cv:
-                self.draining = True
-            if self.on_failure:
-                self.on_failure(e)
-            return
-        self.ready.set()
-        while (group := self._next_group()) is not None:
-            self._score(group)
+            self._give_up(e, group or [])
+
+    def _give_up(self, error: BaseException, group: list[tuple[Job, int, int]]) -> None:
+        """No model call will run again: refuse new jobs, tell the server (so /health fails before a
+        client hears of it), then fail the group's jobs and the queued ones."""
+        if not self.ready.is_set():
+            what = "the model failed to load"
+        else:
+            what = "the device failed" if is_device_failure(error) else "the scheduler failed"
+        failure = ServerFailed(f"{what} ({describe(error)}); the server is stopping")
+        with self._cv:
+            self.failure, self.draining = failure, True
+            jobs = list(dict.fromkeys([job for job, _, _ in group] + list(self._queue)))
+            self._queue.clear()
+            self._admitted = self._waiting_tokens = 0
+        if self.on_failure:
+            self.on_failure(error)
+        for job in jobs:
+            job.cancelled = True
+            _resolve(job.future.set_exception, ServerFailed(str(failure)))
 
     def _next_group(self) -> list[tuple[Job, int, int]] | None:
         """Blocks until a group is due: the budget is full, enough requests wait, or the oldest
@@ -231,6 +281,8 @@ class Scheduler:
             logits = self.model.predict(pairs, batch_size=self.batch_size, activation_fn=IDENTITY,
                                         show_progress_bar=False)
         except Exception as e:  # noqa: BLE001 - a model failure fails its requests, not the server
+            if is_device_failure(e):
+                raise  # every later call fails too: no retry, _run gives up
             if len(group) > 1:  # find whose pairs fail: one job at a time
                 for part in group:
                     self._score([part])
@@ -266,9 +318,12 @@ class Scheduler:
             job.cancelled = True  # its other groups, if any are in flight, find it failed
             if job in self._queue:
                 self._queue.remove(job)
-        reason = (str(error).strip().splitlines() or [""])[0][:300]
-        message = f"the model failed on this request: {type(error).__name__}: {reason}"
-        _resolve(job.future.set_exception, ModelError(message))
+        _resolve(job.future.set_exception, ModelError(f"the model failed on this request: {describe(error)}"))
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message` (at most 300 characters of it)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def _resolve(setter, value) -> None:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import benchmark
 import models
-from rerank_scheduler import Metrics, ModelError, NotAccepting, QueueFull, Scheduler
+from rerank_scheduler import Metrics, ModelError, NotAccepting, QueueFull, Scheduler, ServerFailed
 
 # The benchmark's model flags, with its help, choices and device defaults.
 MODEL_FLAGS = ("model", "device", "dtype", "packed", "max_length", "batch_size", "max_tokens_per_batch", "compile_mode")
@@ -209,7 +209,7 @@ class Service:
                                    max_batch_requests=cfg.max_batch_requests, max_wait_s=cfg.max_wait_ms / 1e3,
                                    max_queue=cfg.max_queue, metrics=self.metrics, on_failure=self._on_failure,
                                    join=lambda parts: parts[0].concat(parts))  # parts of encode_pairs' results
-        self.on_fatal = lambda: None  # set by run(): stops the HTTP server
+        self.on_fatal = lambda: None  # set by run(): stops the HTTP server, which then exits 1
 
     def _load(self):
         """Runs on the scheduler thread: load, warm up (compile), then the facts /info reports."""
@@ -237,8 +237,9 @@ class Service:
         return model
 
     def _on_failure(self, error: BaseException) -> None:
+        """The model can no longer serve: /health fails and the server stops, to be restarted."""
         self.failed = error
-        log.error("the model failed to load: %s: %s", type(error).__name__, error)
+        log.error("the model can no longer serve: %s", self.scheduler.failure, exc_info=error)
         self.on_fatal()
 
     def status(self) -> str:
@@ -304,6 +305,11 @@ async def until_disconnect(request: Request, future):
     return result.result()
 
 
+async def server_failed(request, e: ServerFailed) -> JSONResponse:
+    """503: the device's fault, not the request's; another replica (or this one, restarted) can score it."""
+    return JSONResponse({"error": str(e), "error_type": "failed"}, status_code=503)
+
+
 def versions() -> dict:
     names = ("torch", "transformers", "sentence-transformers", "tokenizers", "fastapi", "uvicorn", "pydantic",
              "prometheus-client")
@@ -354,6 +360,7 @@ def create_app(service: Service) -> FastAPI:
     async def api_error(request, e: ApiError):
         return JSONResponse({"error": e.message, "error_type": e.kind}, status_code=e.status, headers=e.headers)
 
+    app.add_exception_handler(ServerFailed, server_failed)
     @app.exception_handler(ClientGone)
     async def client_gone(request, e):
         return Response(status_code=CLIENT_GONE)

@@ -224,6 +224,57 @@ def test_time_matmul_cpu_is_seconds_per_call(monkeypatch):
     assert bu._time_matmul(a, b, iters=3) == pytest.approx(0.2)
 
 
+class _OnDevice:
+    """A stand-in tensor that claims a device and counts its matmuls: the real tensors stay on the CPU."""
+
+    def __init__(self, device, log):
+        self.device, self.log = torch.device(device), log
+
+    def __matmul__(self, other):
+        self.log.append("matmul")
+
+
+def test_gemm_rate_on_cuda_1_times_cuda_1s_stream(monkeypatch):
+    """Event.record() without a stream records on the current device's stream (torch/cuda/streams.py):
+    with the matmuls on cuda:1 and the current device cuda:0, the events would time an idle stream
+    and put the floor near zero. Every event, synchronize and tensor names cuda:1."""
+    log, created = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.stream = None
+            created.append(self)
+
+        def record(self, stream=None):
+            self.stream = stream
+            log.append(("record", stream))
+
+        def elapsed_time(self, end):
+            assert (self.stream, end.stream) == (("stream of", torch.device("cuda:1")),) * 2
+            return 6.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", torch.device(device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync", torch.device(device))))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU of {torch.device(device)}")
+    made = []
+
+    def randn(*shape, device=None, dtype=None):
+        made.append(torch.device(device))
+        return _OnDevice(device, log)
+
+    monkeypatch.setattr(bu.torch, "randn", randn)
+    g = bu.measure_gemm_tflops("cuda:1", torch.bfloat16, shapes=[(4, 8, 16)], iters=3)
+    cuda1 = torch.device("cuda:1")
+    assert made == [cuda1, cuda1]
+    stream = ("record", ("stream of", cuda1))
+    # 3 untimed matmuls, then synchronize, start, 3 timed matmuls, end, synchronize: all on cuda:1
+    assert log == ["matmul"] * 3 + [("sync", cuda1), stream] + ["matmul"] * 3 + [stream, ("sync", cuda1)]
+    assert len(created) == 2 and g.shapes[0].seconds == pytest.approx(6e-3 / 3)  # ms -> s, per matmul
+    assert g.label == "measured bfloat16 GEMM at model shapes on GPU of cuda:1"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measure_gemm_tflops_cuda():
     g = bu.measure_gemm_tflops("cuda", torch.bfloat16, iters=5)

@@ -38,11 +38,16 @@ class FakeEncoded(list):
         return cls(p for part in parts for p in part)
 
 
-class FakeModel:
-    """predict -> one logit per pair (its texts' lengths); raises on a pair holding "boom"."""
+def oom():
+    return torch.OutOfMemoryError("CUDA out of memory (emulated)")
 
-    def __init__(self, gate: threading.Event | None = None):
-        self.calls, self.gate = [], gate
+
+class FakeModel:
+    """predict -> one logit per pair (its texts' lengths); raises errors[word]() on a pair whose
+    document holds `word` (by default an out-of-memory error on "boom"), the first word listed first."""
+
+    def __init__(self, gate: threading.Event | None = None, errors: dict | None = None):
+        self.calls, self.gate, self.errors = [], gate, errors or {"boom": oom}
 
     def encode_pairs(self, pairs):
         return FakeEncoded(pairs)
@@ -51,9 +56,94 @@ class FakeModel:
         self.calls.append(list(pairs))
         if self.gate is not None:
             self.gate.wait(10)
-        if any("boom" in b for _, b in pairs):
-            raise torch.OutOfMemoryError("CUDA out of memory (emulated)")
+        for word, error in self.errors.items():
+            if any(word in b for _, b in pairs):
+                raise error()
         return np.array([len(a) + len(b) / 7 for a, b in pairs], dtype=np.float32)
+
+
+# ---- errors a model call can raise, as torch, cuBLAS, cuDNN and triton word them ------------------
+
+ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", None)  # torch >= 2.8: what C10_CUDA_CHECK raises
+ASYNC = ("\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace "
+         "below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1")
+ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered" + ASYNC
+DEVICE_ASSERT = "CUDA error: device-side assert triggered" + ASYNC
+# The context is lost: every later CUDA call in the process fails the same way.
+STICKY = [
+    ILLEGAL_ADDRESS, DEVICE_ASSERT, "CUDA error: unspecified launch failure", "CUDA error: misaligned address",
+    "CUDA error: an illegal instruction was encountered", "CUDA error: uncorrectable ECC error encountered",
+    "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(handle, opa, opb, m, n, k, ...)`",
+    "CUDA error: CUBLAS_STATUS_INTERNAL_ERROR when calling `cublasLtMatmul(ltHandle, computeDesc, ...)`",
+    "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED", "CUDA driver error: an illegal memory access was encountered",
+    "Triton Error [CUDA]: an illegal memory access was encountered",
+]
+# The CUDA stack speaking, but the context still works: memory ran short or a call's arguments were refused.
+NOT_STICKY = [
+    "CUDA error: out of memory", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "Triton Error [CUDA]: out of memory", "CUDA error: invalid argument", "CUDA error: invalid configuration argument",
+    "CUDA error: too many resources requested for launch",
+    "CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul(ltHandle, computeDesc, ...)`",
+    "CUDA error: CUBLAS_STATUS_INVALID_VALUE when calling `cublasGemmEx(handle, opa, opb, m, n, k, ...)`",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+    "cuDNN error: CUDNN_STATUS_BAD_PARAM",
+    "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!",
+]
+needs_accelerator_error = pytest.mark.skipif(ACCELERATOR_ERROR is None, reason="torch < 2.8 has no AcceleratorError")
+
+
+def chained(cause: BaseException) -> BaseException:
+    """`cause` wrapped as torch.compile wraps an error raised while it compiles (BackendCompilerFailed)."""
+    try:
+        raise cause
+    except BaseException as e:
+        try:
+            raise RuntimeError("backend='inductor' raised: see the cause above") from e
+        except RuntimeError as wrapped:
+            return wrapped
+
+
+def first(message: str) -> str:
+    return message.splitlines()[0][:60]
+
+
+ERROR_KINDS = [  # (name, () -> the error, sticky)
+    *[(f"AcceleratorError: {first(m)}", lambda m=m: ACCELERATOR_ERROR(m), True)
+      for m in (ILLEGAL_ADDRESS, DEVICE_ASSERT)],
+    ("AcceleratorError without a message", lambda: ACCELERATOR_ERROR(""), True),  # STRIP_ERROR_MESSAGES builds
+    ("AcceleratorError: out of memory", lambda: ACCELERATOR_ERROR("CUDA error: out of memory"), False),
+    *[(f"RuntimeError: {first(m)}", lambda m=m: RuntimeError(m), True) for m in STICKY],
+    *[(f"RuntimeError: {first(m)}", lambda m=m: RuntimeError(m), False) for m in NOT_STICKY],
+    ("OutOfMemoryError", lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                                        "a total capacity of 139.81 GiB of which 1.02 GiB is free."),
+     False),
+    ("chained AcceleratorError", lambda: chained(ACCELERATOR_ERROR(ILLEGAL_ADDRESS)), True),
+    ("chained RuntimeError", lambda: chained(RuntimeError(DEVICE_ASSERT)), True),
+    ("chained OutOfMemoryError", lambda: chained(oom()), False),
+    ("ValueError naming a CUDA error", lambda: ValueError("pairs[3]: 'CUDA error: x' is text, not a pair"), False),
+    ("ValueError", lambda: ValueError("batch_size must be >= 1, got 0"), False),
+    ("KeyError", lambda: KeyError("cu_seq_lens_q"), False),
+    ("TypeError", lambda: TypeError("varlen_attn() got an unexpected keyword argument 'window_size'"), False),
+]
+
+
+def error_params(kinds=ERROR_KINDS):
+    return [pytest.param(make, sticky, id=name,
+                         marks=[needs_accelerator_error] if "AcceleratorError" in name else [])
+            for name, make, sticky in kinds]
+
+
+@pytest.mark.parametrize("make, sticky", error_params())
+def test_which_errors_mean_the_device_is_lost(make, sticky):
+    assert rs.is_device_failure(make()) is sticky
+
+
+def test_device_failures_are_recognized_without_accelerator_error(monkeypatch):
+    """A torch without AcceleratorError: CUDA errors are RuntimeErrors, known by their message."""
+    monkeypatch.setattr(rs, "ACCELERATOR_ERROR", None)
+    assert rs.is_device_failure(RuntimeError(ILLEGAL_ADDRESS)) and rs.is_device_failure(RuntimeError(DEVICE_ASSERT))
+    assert not rs.is_device_failure(RuntimeError("CUDA error: out of memory"))
+    assert not rs.is_device_failure(ValueError("bad")) and not rs.is_device_failure(oom())
 
 
 def make_scheduler(model, **kw):
@@ -84,6 +174,79 @@ def test_model_failure_fails_only_its_request():
         assert sched.queued_pairs == 0
     finally:
         assert sched.stop(5)
+
+
+def device_lost():
+    return RuntimeError(ILLEGAL_ADDRESS)
+
+
+def wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_device_failure_fails_the_jobs_in_flight_and_queued_and_stops():
+    """A lost device: the group's jobs and the queued ones fail at once, predict is not called again
+    (not job by job, not for the queue), new jobs are refused and the server is told, once."""
+    gate = threading.Event()
+    model = FakeModel(gate, {"boom": device_lost})
+    failures = []
+    sched = make_scheduler(model, on_failure=failures.append)
+    try:
+        in_flight = [sched.submit([("q", "fine"), ("q", "boom")], [10, 10]), sched.submit([("q", "other")], [10])]
+        wait_for(lambda: model.calls)
+        queued = sched.submit([("q", "later")], [10])
+        gate.set()
+        for job in in_flight + [queued]:
+            with pytest.raises(rs.ServerFailed, match=r"^the device failed \(RuntimeError: CUDA error: an illegal"):
+                job.future.result(5)
+        assert model.calls == [[("q", "fine"), ("q", "boom"), ("q", "other")]]
+        assert [type(e) for e in failures] == [RuntimeError] and str(failures[0]) == ILLEGAL_ADDRESS
+        with pytest.raises(rs.ServerFailed, match="the device failed"):
+            sched.submit([("q", "new")], [1])
+        assert sched.queued_pairs == 0
+        assert sched.stop(5)
+    finally:
+        gate.set()
+        sched.stop(5)
+
+
+def test_device_failure_while_retrying_job_by_job_stops_the_retry():
+    """A group fails on one request's bad input and is retried job by job; the device is lost on the
+    third job: the fourth is never tried on the dead device, and fails with the device."""
+    model = FakeModel(errors={"bad": lambda: ValueError("a bad pair"), "boom": device_lost})
+    failures = []
+    sched = make_scheduler(model, on_failure=failures.append)
+    try:
+        parts = [[("q", "good")], [("q", "bad")], [("q", "boom")], [("q", "after")]]
+        jobs = [sched.submit(p, [10]) for p in parts]
+        np.testing.assert_array_equal(jobs[0].future.result(5), expected(parts[0]))
+        with pytest.raises(rs.ModelError, match="ValueError: a bad pair"):
+            jobs[1].future.result(5)
+        for job in jobs[2:]:
+            with pytest.raises(rs.ServerFailed, match="the device failed"):
+                job.future.result(5)
+        assert model.calls == [sum(parts, []), *parts[:3]]
+        assert len(failures) == 1 and sched.stop(5)
+    finally:
+        sched.stop(5)
+
+
+def test_load_failure_takes_the_same_path():
+    failures = []
+
+    def load():
+        raise FileNotFoundError("model.safetensors")
+
+    sched = rs.Scheduler(load, batch_size=4, max_batch_tokens=100, max_batch_requests=None, max_wait_s=0,
+                         max_queue=10, on_failure=failures.append)
+    sched.start()
+    assert sched.stop(5) and not sched.ready.is_set()
+    assert [type(e) for e in failures] == [FileNotFoundError]
+    with pytest.raises(rs.ServerFailed, match=r"^the model failed to load \(FileNotFoundError: model.safetensors\)"):
+        sched.submit([("q", "d")], [1])
 
 
 def test_coalesced_requests_get_their_own_rows():
@@ -182,6 +345,76 @@ def test_app_503_until_warm_and_500_for_a_failing_request(tiny_model_dir):
         text = asyncio.run(asyncio.wait_for(go(), 60))
         assert scrape(text, "rerank_requests_total", route="/v2/rerank", status="500") == 1
         assert scrape(text, "rerank_requests_total", route="/health", status="503") == 1
+    finally:
+        gate.set()
+        assert service.scheduler.stop(10)
+
+
+APP_KINDS = [k for k in ERROR_KINDS if k[0] in ("OutOfMemoryError", "ValueError", "KeyError") or k[0].startswith(
+    ("AcceleratorError: CUDA error: an illegal", "RuntimeError: CUDA error: device-side",
+     "RuntimeError: CUDA error: CUBLAS_STATUS_EXEC", "RuntimeError: cuDNN error: CUDNN_STATUS_EXEC"))]
+
+
+def fake_app(model_dir: str, model: FakeModel, *flags: str):
+    """-> (Service, app) on `model`, the scheduler started; the model loads at once."""
+    cfg, _, _ = serve.parse(["--model", model_dir, "--device", "cpu", "--no-compile", *flags])
+    service = serve.Service(cfg, model_dir)
+
+    def load():
+        service.activation, service.info = torch.sigmoid, {"model": "fake"}
+        return model
+
+    service.scheduler.load = load
+    app = serve.create_app(service)
+    service.scheduler.start()
+    return service, app
+
+
+async def until(condition, seconds: float = 5.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("make, sticky", error_params(APP_KINDS))
+def test_app_answers_503_and_fails_health_once_the_device_is_lost(tiny_model_dir, make, sticky):
+    """The app in-process on a model that raises `make()` on "boom": one request in flight holds it,
+    another shares its predict call, a third waits in the queue. A lost device: all three get 503
+    naming the device, /health says failed, later requests get 503 and the server is told to stop.
+    Any other error: a 500 for the failing request only, the others scored, the server stays ok."""
+    gate = threading.Event()
+    model = FakeModel(gate, {"boom": make})
+    service, app = fake_app(tiny_model_dir, model, "--max-wait-ms", "300")
+    stopping = threading.Event()
+    service.on_fatal = stopping.set
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app",
+                                     timeout=TIMEOUT) as c:
+            await asyncio.to_thread(service.scheduler.ready.wait, 10)
+            failing = asyncio.ensure_future(c.post("/rerank", json={"query": "q", "texts": ["ok", "boom"]}))
+            sharing = asyncio.ensure_future(c.post("/score", json={"pairs": [["q", "fine"]]}))
+            await until(lambda: model.calls)
+            queued = asyncio.ensure_future(c.post("/v2/rerank", json={"query": "q", "documents": ["later"]}))
+            await until(lambda: service.scheduler.queued_pairs == 4)
+            gate.set()
+            answers = await asyncio.gather(failing, sharing, queued)
+            return answers, await c.get("/health"), await c.post("/rerank", json={"query": "q", "texts": ["a"]})
+
+    try:
+        answers, health, later = asyncio.run(asyncio.wait_for(go(), 60))
+        if sticky:
+            for r in answers + [later]:
+                assert (r.status_code, r.json()["error_type"]) == (503, "failed"), r.text
+                assert r.json()["error"].startswith("the device failed (")
+            assert (health.status_code, health.json()) == (503, {"status": "failed"})
+            assert stopping.is_set() and len(model.calls) == 1 and service.failed is not None
+        else:
+            assert [r.status_code for r in answers] == [500, 200, 200]
+            assert answers[0].json()["error_type"] == "model"
+            assert (health.status_code, health.json(), later.status_code) == (200, {"status": "ok"}, 200)
+            assert not stopping.is_set() and service.failed is None
     finally:
         gate.set()
         assert service.scheduler.stop(10)

@@ -39,14 +39,14 @@ LONG_DOC = " ".join(data.SENTENCES[:60])  # > 512 tokens: truncated at --max-len
 
 
 class Server:
-    def __init__(self, tmp_path: Path, model_dir: str, *flags: str):
+    def __init__(self, tmp_path: Path, model_dir: str, *flags: str, program: tuple[str, ...] = ("serve.py",)):
         from serve_bench import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / f"server-{self.port}.log"
         # fp32 as the in-process reference below (the CPU default may be bf16: device_policy.py)
-        argv = [sys.executable, str(ROOT / "serve.py"), "--model", model_dir, "--device", "cpu", "--no-compile",
+        argv = [sys.executable, *program, "--model", model_dir, "--device", "cpu", "--no-compile",
                 "--dtype", "float32", "--port", str(self.port), "--log-level", "warning", "--threads", "1", *flags]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -400,6 +400,56 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, tiny_model_dir
         for (q, docs), r in zip(items, results):
             assert r is not None and r.status_code == 200
             assert_close(by_index(r.json(), len(docs), "score"), sigmoid(reference([(q, d) for d in docs])))
+    finally:
+        s.stop()
+
+
+# serve.run() as `serve.py` runs it, on a model that raises the error named by argv[1] on a document
+# holding "boom" (test_rerank_scheduler's FakeModel): the real server, only the model is fake.
+FAILING_SERVER = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch, serve, test_rerank_scheduler as t
+kinds = {{name: make for name, make, _ in t.ERROR_KINDS}}
+make = kinds[sys.argv[1]]
+def load(service):
+    service.activation, service.info = torch.sigmoid, {{"model": "fake"}}
+    return t.FakeModel(errors={{"boom": make}})
+serve.Service._load = load
+cfg, _, _ = serve.parse(sys.argv[2:])
+sys.exit(serve.run(cfg, cfg.bench.model))
+""".format(root=str(ROOT), tests=str(ROOT / "tests"))
+
+
+@pytest.mark.parametrize("kind, sticky", [
+    pytest.param("AcceleratorError: CUDA error: device-side assert triggered", True,
+                 marks=pytest.mark.skipif(not hasattr(torch, "AcceleratorError"), reason="torch < 2.8")),
+    ("RuntimeError: CUDA error: an illegal memory access was encountered", True),
+    ("ValueError", False),
+])
+def test_a_lost_device_fails_its_requests_and_the_server_exits_1(tmp_path, tiny_model_dir, kind, sticky):
+    """Two requests share one predict call (they wait 2 s for company); one holds "boom". A lost
+    device: both get 503 naming it and the process exits 1 by itself, for its supervisor to restart
+    it. A request's own error: a 500 for it alone, the other scored, the server stays up."""
+    s = Server(tmp_path, tiny_model_dir, "--max-wait-ms", "2000", program=("-c", FAILING_SERVER, kind))
+    try:
+        bodies = [{"query": "q", "texts": ["ok", "boom"]}, {"query": "q", "texts": ["fine"]}]
+
+        async def both():
+            async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+                return await asyncio.gather(*(client.post(s.url + "/rerank", json=b) for b in bodies))
+
+        answers = asyncio.run(asyncio.wait_for(both(), 60))
+        if sticky:
+            for r in answers:
+                assert r.status_code == 503 and r.json()["error"].startswith("the device failed ("), r.text
+            assert s.proc.wait(30) == 1, s.log.read_text()
+            assert "the model can no longer serve" in s.log.read_text()
+        else:
+            assert [r.status_code for r in answers] == [500, 200]
+            assert httpx.get(s.url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+            s.stop()
+            assert s.proc.returncode == 0
     finally:
         s.stop()
 
