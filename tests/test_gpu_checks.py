@@ -161,11 +161,21 @@ def test_the_gpu_test_runs_on_the_cpu_up_to_the_missing_evidence(packed, dtype, 
         return CrossEncoder(path, device="cpu", model_kwargs={"dtype": dtype}).predict(
             pairs, batch_size=batch_size, activation_fn=IDENTITY)
 
+    traced = []
+
+    def replay_problems(names, batches):
+        traced.append((list(names), batches))
+        return graph_replay_problems(names, batches)
+
     monkeypatch.setattr(DynamicCrossEncoder, "uses_cuda_graphs", property(lambda self: True))
     monkeypatch.setattr(test_gpu, "DynamicCrossEncoder", on_cpu)
     monkeypatch.setattr(test_gpu, "_cross_encoder_logits", cross_encoder_logits)
+    monkeypatch.setattr(test_gpu, "graph_replay_problems", replay_problems)
     with pytest.raises(AssertionError) as failed:
         test_gpu.test_cuda_default_configuration_replays_cuda_graphs(tiny_model_dir, packed, dtype)
     message = str(failed.value)
     assert "the profiler recorded no CUDA API call" in message
     assert "moved from eager" not in message and "skipped CUDA graphs" not in message and "launch" not in message
+    # the profiler ran around the model's forward on the model's thread: it saw its GEMMs
+    (names, batches), = traced
+    assert batches >= 2 and "aten::linear" in names
