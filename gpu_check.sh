@@ -19,24 +19,25 @@
 # The rerank workload (run_combined.py --workload rerank) does not fit in the 420 s: run it on a lease
 # of its own.
 #
-# Limits: the time each step was measured to take on a 2-core CPU (tiny twin, fresh inductor cache:
-# the cost a fresh GPU machine pays), scaled by the H200's compile times of the full-size model (40 s
-# for the x16-bucket graph in default mode, 71-121 s max-autotune), as measured here:
-#   CPU, fp32, compile + warm-up    default   max-autotune       twin build, pytest start
-#   tiny twin, padded (256 wide)     50 s       148 s            tiny 15 s, full 21 s
-#   tiny twin, packed (1024 tok.)    69 s       239 s (2 graphs) collecting test_gpu.py 21 s
-#   full-size, padded / packed       83 / 261 s 209 s (padded)
-# tiny/full: 0.60 default, 0.71 max-autotune (identical layers share their kernels, and autotuning is per
-# GEMM shape, as many in both), so on the H200 the tiny twin compiles in ~24 s default, 50-86 s
-# max-autotune; a packed graph costs what a padded one does (one graph: 239 / 2 s against 148 s).
+# Limits: the time each step was measured to take on a 2-core CPU (fresh inductor cache: the cost a
+# fresh GPU machine pays), scaled by the H200's compile times of the full-size model (40 s for the
+# x16-bucket graph in default mode, 71-121 s max-autotune). Measured here (fp32, compile + warm-up):
+#   model, path                        default   max-autotune   graphs
+#   tiny twin, padded (256 wide)        50 s      148 s          1
+#   tiny twin, packed (1024 tokens)     69 s      239 s          2
+#   full-size twin, padded / packed     83 / 261 s   209 s / -   1 / 2
+#   twin builds: tiny 15 s, full-size 21 s; pytest collecting tests/test_gpu.py: 21 s
+# tiny/full: 0.60 default, 0.71 max-autotune (identical layers share their kernels, and autotuning is
+# per GEMM shape, as many in both), so on the H200 the tiny twin compiles in ~24 s default, 50-86 s
+# max-autotune; a packed graph costs about what a padded one does (239 s for 2 against 148 s for 1).
 #   build-tiny      20 s  15 s measured;
 #   preflight       60 s  20 start + 24 compile (reduce-overhead) + a varlen call and references: ~55 s;
-#   cuda-default   150 s  20 start + 2 x 50-86 max-autotune + references: 135-200 s, the padded default
-#                         first (done within 120 s), so a cut keeps it;
+#   cuda-default   150 s  20 start + 2 x 50-86 max-autotune + references: 135-200 s; the padded default
+#                         runs first (done within ~115 s), so a cut keeps it;
 #   build-full      30 s  21 s measured;
-#   combined-pairs 130 s  20 start + 40 compile (x16 buckets) + 40-63 packed (the CPU's packed / padded
-#                         ratio, 1.57, at most) + 20 runs and loads: 120-145 s; run_combined.py writes each
-#                         setup as it ends, so a cut keeps the setups before;
+#   combined-pairs 130 s  20 start + 40 compile (x16 buckets) + 40-63 packed (40 s times 1 to 1.57, the
+#                         CPU's packed / padded time per graph) + 20 runs and loads: 120-145 s;
+#                         run_combined.py writes each setup as it ends, so a cut keeps the setups before;
 #   gpu-tests       30 s  what is left: the start and the varlen kernels against SDPA; the compiled checks
 #                         after them (24 s default, 50-86 s max-autotune each) need a lease of their own.
 # A step that reaches its limit is interrupted (Ctrl-C) 5 s before it, it and every process it started:
