@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -366,6 +367,12 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path, tiny_model_dir):
     assert log.count("| DynamicCrossEncoder packed |") == 2  # each step's markdown table
 
 
+# The CUDA branch's steps, most important first, and their limits in seconds (gpu_check.sh's header
+# says how each was derived); they add up to the 420 s a lent machine's call leaves.
+CUDA_STEPS = {"build-tiny": 20, "preflight": 60, "cuda-default": 150, "build-full": 30, "combined-pairs": 130,
+              "gpu-tests": 30}
+
+
 def test_gpu_check_cuda_branch_fits_a_lent_machine(tmp_path, tiny_model_dir):
     """A lent GPU machine returns at most 8 files, 2 folders deep, from a call of at most 600 s on a
     15-minute lease: the CUDA branch, dry-run on the CPU, must stay within 8 files and 420 s of limits."""
@@ -375,14 +382,53 @@ def test_gpu_check_cuda_branch_fits_a_lent_machine(tmp_path, tiny_model_dir):
     log = (out / "log.txt").read_text()
     assert "fake CUDA" in log
     limits = {name: int(s) for name, s in re.findall(r"^== (\S+) \(limit (\d+) s\)$", log, re.M)}
-    steps = ["build", "preflight", "cuda-default", "combined-pairs", "gpu-tests", "combined-rerank"]
-    assert list(limits) == steps and sum(limits.values()) <= 420, limits
-    assert step_exits(log) == dict.fromkeys(steps, 0)
+    assert limits == CUDA_STEPS and list(limits) == list(CUDA_STEPS)  # in this order
+    assert sum(limits.values()) == 420
+    assert step_exits(log) == dict.fromkeys(CUDA_STEPS, 0)
+    assert "combined-rerank: not run on CUDA" in log
     # each pytest step selected its tests (they skip without CUDA): none ran the preflight twice
-    sections = dict(zip(steps, re.split(r"^== \S+ \(limit \d+ s\)$", log, flags=re.M)[1:]))
-    assert re.search(r"^2 skipped, \d+ deselected", sections["preflight"], re.M)
-    assert re.search(r"^1 skipped, \d+ deselected", sections["cuda-default"], re.M)
-    assert "preflight" not in sections["gpu-tests"] and re.search(r"^\d+ skipped, 3 deselected", sections["gpu-tests"], re.M)
+    sections = dict(zip(CUDA_STEPS, re.split(r"^== \S+ \(limit \d+ s\)$", log, flags=re.M)[1:]))
+    summary = r"^=+ {} skipped, \d+ deselected"
+    assert re.search(summary.format(2), sections["preflight"], re.M)
+    assert re.search(summary.format(2), sections["cuda-default"], re.M)  # the padded default, then packed
+    assert "cuda_default_configuration_replays_cuda_graphs[padded-default-bf16] SKIPPED" in sections["cuda-default"]
+    assert "preflight" not in sections["gpu-tests"] and re.search(summary.format(r"\d+"), sections["gpu-tests"], re.M)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(p.parent == out for p in files), files
-    assert {p.name for p in files} >= {"log.txt", "combined-pairs.json", "combined-rerank.json"}
+    assert {p.name for p in files} >= {"log.txt", "combined-pairs.json"}
+
+
+def run_step(tmp_path, name: str, limit: int, code: str):
+    """gpu_check.sh's step function alone (the script sourced defines its functions and returns)."""
+    script = 'source gpu_check.sh && log=$1 && status=0 && step "$2" "$3" "$4" -c "$5"; echo "status $status"'
+    start = time.monotonic()
+    done = subprocess.run(["bash", "-c", script, "-", str(tmp_path / "log.txt"), name, str(limit), sys.executable, code],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return done, (tmp_path / "log.txt").read_text(), time.monotonic() - start
+
+
+def test_gpu_check_step_that_runs_past_its_limit_keeps_its_output_and_says_so(tmp_path):
+    """Interrupted 5 s before its limit (Ctrl-C: pytest prints what passed, run_combined.py writes what
+    finished), and so are the processes it started (inductor's compile workers), which would otherwise
+    hold the log's pipe open past the limit."""
+    code = ("import subprocess, sys, time; subprocess.Popen(['sleep', '100']); print('before the limit', flush=True)\n"
+            "try:\n    time.sleep(100)\nexcept KeyboardInterrupt:\n    print('interrupted: writing what finished'); sys.exit(130)")
+    done, log, seconds = run_step(tmp_path, "slow", 8, code)
+    assert "before the limit" in log and "interrupted: writing what finished" in log
+    assert "== slow: timed out: interrupted at 3 s (its limit, 8 s, less 5 s to write what it has)" in log
+    assert step_exits(log) == {"slow": 124} and "status 1" in done.stdout
+    assert 3 <= seconds < 8, seconds
+
+
+def test_gpu_check_step_that_ignores_the_interrupt_is_killed_at_its_limit(tmp_path):
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('started', flush=True); time.sleep(100)"
+    done, log, seconds = run_step(tmp_path, "stuck", 7, code)
+    assert "started" in log and "== stuck: timed out" in log and step_exits(log) == {"stuck": 137}
+    assert 7 <= seconds < 12, seconds
+
+
+def test_gpu_check_step_within_its_limit_exits_with_its_status(tmp_path):
+    done, log, _ = run_step(tmp_path, "quick", 7, "print('done'); raise SystemExit(3)")
+    assert "done" in log and "timed out" not in log and step_exits(log) == {"quick": 3} and "status 1" in done.stdout
+    done, log, _ = run_step(tmp_path, "fine", 7, "print('done')")
+    assert step_exits(log)["fine"] == 0 and "status 0" in done.stdout
