@@ -14,6 +14,7 @@ models) so each piece is tested on its own, on the CPU.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -326,15 +327,37 @@ def _attn_flash(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, sl
                                   window_size=w)
 
 
+_VARLEN_PARAMS: dict = {}  # varlen_attn -> the names it takes (a dict lookup compiles; lru_cache warns)
+
+
+def _varlen_params(fn) -> frozenset:
+    """torch 2.10's varlen_attn takes `is_causal` and has neither `scale` nor `window_size`; 2.11+ take
+    those two keyword-only ((-1, 0) is causal) and no `is_causal`. Read off the signature once."""
+    if fn not in _VARLEN_PARAMS:
+        _VARLEN_PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
+    return _VARLEN_PARAMS[fn]
+
+
 def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
-    # torch 2.10's varlen_attn has no `scale`; 2.11+ take it keyword-only. The kernels' default is
-    # head_dim ** -0.5, so it is passed only when it differs; window_size likewise only when set.
-    kw = {}
+    # The kernels' default scale is head_dim ** -0.5: passed only when it differs, the window only when set.
+    takes, kw = _varlen_params(varlen_attn), {}
     if abs(scale * q.shape[-1] ** 0.5 - 1.0) >= 1e-6:
+        if "scale" not in takes:
+            raise TypeError(f"this torch's varlen_attn takes no scale (torch 2.10) and the model's attention scale is "
+                            f"{scale:.4g}, not head_dim ** -0.5: use torch >= 2.11 or attention_backend='sdpa_nested'")
         kw["scale"] = scale
-    if causal or window is not None:
+    if window is not None and "window_size" not in takes:
+        raise TypeError("this torch's varlen_attn takes no window_size (torch 2.10): sliding-window models need "
+                        "torch >= 2.11 or attention_backend='sdpa_padded'")
+    if "window_size" in takes and (causal or window is not None):
         kw["window_size"] = (-1 if window is None else window, 0 if causal else window)
+    elif causal:
+        kw["is_causal"] = True
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
+
+
+def varlen_takes_window() -> bool:
+    return varlen_attn is not None and "window_size" in _varlen_params(varlen_attn)
 
 
 def _attn_nested(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
@@ -432,7 +455,7 @@ def attention_backends(device_type: str, dtype: torch.dtype, *, window: bool = F
         half = dtype in VARLEN_DTYPES
         if flash_attn_varlen_func is not None and half:
             usable.append(("flash_attn", "flash-attn installed"))
-        if varlen_attn is not None and half:
+        if varlen_attn is not None and half and (varlen_takes_window() or not window):  # torch 2.10: no window
             usable.append(("varlen_attn", "torch varlen attention" + ("" if flash_attn_available() else "; flash-attn not installed")))
         why = f"{str(dtype).removeprefix('torch.')}: varlen kernels take fp16/bf16 only" if not half else "no varlen kernel"
         nested = [] if window else [("sdpa_nested", why)]
@@ -507,9 +530,14 @@ def register_library_attention() -> None:
 
 def pool(hidden: torch.Tensor, kind: str, index: torch.Tensor, seq_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """hidden: (tokens, hidden) -> (seqs, hidden): the rows at `index`, or for "mean" the mean of each
-    sequence's tokens (seq_ids: (tokens,), seqs for tokens of no sequence; lengths: (seqs,))."""
+    sequence's tokens (seq_ids: (tokens,), seqs for tokens of no sequence; lengths: (seqs,)).
+
+    The mean sums in fp32 at least, then casts back to the model's dtype, as sentence-transformers'
+    Pooling does: on CUDA index_add_ is an atomic add per token rounded to the sum's dtype, and a bf16
+    sum stops growing at ~256x a term (600 ones would average to 0.43)."""
     if kind != "mean":
         return hidden[index.long()]
-    seqs = index.shape[0]
-    sums = hidden.new_zeros(seqs + 1, hidden.shape[-1]).index_add_(0, seq_ids.long(), hidden)
-    return sums[:seqs] / lengths.clamp(min=1)[:, None].to(hidden.dtype)
+    seqs, wide = index.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+    sums = torch.zeros(seqs + 1, hidden.shape[-1], dtype=wide, device=hidden.device)
+    sums.index_add_(0, seq_ids.long(), hidden.to(wide))
+    return (sums[:seqs] / lengths.clamp(min=1)[:, None].to(wide)).to(hidden.dtype)
