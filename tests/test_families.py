@@ -202,3 +202,28 @@ def test_unsupported_sentence_transformers_head_is_refused(pairs, monkeypatch):
     with pytest.raises(UnsupportedModelError, match="Pooling mode 'max'"):
         family_of(ce)
     assert isinstance(UnsupportedModelError("x"), ValueError)  # scripts turn it into a one-line error
+
+
+# ---- decoders: no KV cache ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("family", ["qwen3-seq-cls", "qwen3-reranker", "modernbert", "bert"])
+def test_no_kv_cache_is_built(family, packed, pairs, monkeypatch):
+    """Qwen's forward takes use_cache from its config (True): every layer would copy its keys and values
+    into a DynamicCache nothing reads (about 1.9 GB at 16k tokens for Qwen3-0.6B). Encoders whose forward
+    has no use_cache (ModernBERT) are not given one."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    path, _, ref = reference(family, pairs)
+    model = load(path, packed=packed, compile=False)
+    base = model.family.base(model)
+    built, given, init, forward = [], [], DynamicCache.__init__, base.forward
+    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    monkeypatch.setattr(base, "forward", lambda *a, **k: given.append(k.get("use_cache", "not given")) or forward(*a, **k))
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+    takes = "use_cache" in inspect.signature(type(base).forward).parameters
+    assert takes is (family != "modernbert")
+    assert given and set(given) == {False if takes else "not given"} and built == []
