@@ -45,7 +45,7 @@ from device_policy import device_defaults, inductor_settings, model_dtype  # dev
 from pair_tokenizer import EncodedPairs, PairTokenizer, Ragged, chunk_bounds, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
-    TOKEN_MULTIPLE,
+    GRID_BACKENDS,
     PaddedBatch,
     bucket_length,
     choose_attention_backend,
@@ -55,7 +55,9 @@ from packing import (
     plan_token_batches,
     position_limit,
     register_library_attention,
+    seqlen_bounds,
     token_buckets,
+    warm_lengths,
 )
 from models import checkpoint_dir
 
@@ -205,10 +207,8 @@ class DynamicCrossEncoder(CrossEncoder):
         return padded_logits(self, self.family, self._pool, self._token_types, *args)
 
     def _packed_logits(self, *args):
-        # varlen kernels size their grid by max_seqlen and leave rows past it unwritten; the pad
-        # tail is shorter than TOKEN_MULTIPLE, so this bound covers it as well as every real pair.
-        max_seqlen = max(self.max_seq_length, TOKEN_MULTIPLE)
-        return packed_logits(self, self.family, self._pool, self._token_types, max_seqlen, *args)
+        # the last argument, max_seqlen, bounds every sequence of the batch and its pad tail (pack_batch)
+        return packed_logits(self, self.family, self._pool, self._token_types, *args)
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -323,10 +323,14 @@ class DynamicCrossEncoder(CrossEncoder):
         return (activation_fn or self.activation_fn)(self._predict_logits(pairs, batch_size, progress))
 
     def _warmup_shapes(self, batch_size: int) -> list:
-        """Largest first: autotuning picks its kernels on the first shape it sees."""
+        """Largest first: autotuning picks its kernels on the first shape it sees. Packed graphs per
+        shape: (tokens, max_seqlen) for every bound a batch of that token count can have."""
         if self.packed:
             buckets = token_buckets(self.max_tokens_per_batch, self.max_seq_length)[::-1]
-            return buckets if self.graphs_per_shape else [buckets[0], buckets[-1]]
+            if not self.graphs_per_shape:
+                return [buckets[0], buckets[-1]]  # a dynamic graph: max_seqlen is a symbolic int
+            bounds = seqlen_bounds(self.max_seq_length) if self._sized_grid else [0]
+            return [(t, b) for t in buckets for b in bounds if self._warm_lengths((t, b), batch_size) is not None]
         widths = list(range(bucket_length(self.max_seq_length, self.bucket_multiple), 0, -self.bucket_multiple))
         if self.graphs_per_shape:  # rows are padded to batch_size there, so the widths are every shape
             return [(batch_size, w) for w in widths]
@@ -348,6 +352,10 @@ class DynamicCrossEncoder(CrossEncoder):
         """A batch of `shape` filled with full-length sequences, like a real full batch."""
         # the ids do not matter, only the shapes: a token that is not the pad
         token = 1 + self._pad_id if self._pad_id + 1 < len(self.tokenizer) else 0
+        if self.packed and isinstance(shape, tuple):  # a graph per shape: (tokens, max_seqlen)
+            lengths = self._warm_lengths(shape, batch_size)
+            flat = np.full(int(lengths.sum()), token, dtype=np.int32)
+            return self._pack(flat, lengths, None, max_seqs=batch_size, pin=False, tokens=shape[0])
         if self.packed:
             length = min(shape, self.max_seq_length)
             n = max(1, min(batch_size, shape // length))
@@ -359,8 +367,17 @@ class DynamicCrossEncoder(CrossEncoder):
         rows, width = shape
         return self._pad(np.full(rows * width, token, dtype=np.int32), np.full(rows, width), None, width=width)
 
+    def _warm_lengths(self, shape, batch_size):
+        return warm_lengths(*shape, max_length=self.max_seq_length, max_seqs=batch_size,
+                            max_tokens=self.max_tokens_per_batch)
+
+    @property
+    def _sized_grid(self) -> bool:
+        """The packed attention reads max_seqlen (packing.GRID_BACKENDS); else batches carry 0."""
+        return self.attention_backend in GRID_BACKENDS
+
     def _pack(self, flat, lengths, types, **kw):
-        return pack_batch(flat, lengths, pad_id=self._pad_id, types=types, pool=self._pool,
+        return pack_batch(flat, lengths, pad_id=self._pad_id, types=types, pool=self._pool, sized_grid=self._sized_grid,
                           position_offset=default_position_offset(self.model.config), **kw)
 
     def _pad(self, flat, lengths, types, **kw):

@@ -47,6 +47,9 @@ TOKEN_MULTIPLE = 256
 DYNAMIC_TOKEN_MULTIPLE = 128
 # The varlen kernels (flash-attn's and torch's) take half precision only.
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+# Backends whose kernels size their launch grid by max_seqlen and leave rows past it unwritten; the
+# others never read it, and their batches carry 0 (no shape of its own).
+GRID_BACKENDS = ("flash_attn", "varlen_attn", "sdpa_nested")
 
 
 def flash_attn_available() -> bool:
@@ -86,6 +89,39 @@ def dynamic_tokens(lengths: np.ndarray, max_seqs: int) -> int:
     grid holds, so the pad tail fits in its free cells without widening it (pack_batch)."""
     real, longest = int(lengths.sum()), int(lengths.max())
     return min(bucket_length(real, DYNAMIC_TOKEN_MULTIPLE), max_seqs * bucket_length(longest))
+
+
+def seqlen_bound(longest: int, tail: int) -> int:
+    """max_seqlen of a packed batch: its longest sequence or its pad tail (the last sequence), rounded
+    up to a power of two >= TOKEN_MULTIPLE. Sized by the batch, not by max_seq_length (8192 positions
+    for bge-reranker-v2-m3), and few: each distinct bound is a CUDA-graph recording or a static compile
+    per token count, log2(max_length / 256) + 1 of them (6 for 8192, where multiples of 256 would make
+    32), at the price of at most twice the grid blocks, which exit at once past a sequence's end."""
+    n = max(longest, tail, TOKEN_MULTIPLE)
+    return 1 << (n - 1).bit_length()
+
+
+def seqlen_bounds(max_length: int) -> list[int]:
+    """Every seqlen_bound of a batch of sequences up to max_length (its pad tail under TOKEN_MULTIPLE),
+    largest first."""
+    bounds = [seqlen_bound(max_length, 0)]
+    while bounds[-1] > TOKEN_MULTIPLE:
+        bounds.append(bounds[-1] // 2)
+    return bounds
+
+
+def warm_lengths(tokens: int, bound: int, *, max_length: int, max_seqs: int, max_tokens: int) -> np.ndarray | None:
+    """Lengths of a batch that packs to `tokens` (a TOKEN_MULTIPLE bucket) with seqlen_bound `bound`, as a
+    real batch would: at most max_seqs sequences of at most max_length tokens, more than one only within
+    max_tokens (plan_token_batches). None where no real batch can. bound 0: no kernel reads it."""
+    longest = min(max_length, tokens, bound or tokens)
+    if bound and seqlen_bound(longest, 0) != bound:
+        return None
+    total = min(tokens, max_seqs * longest, max(max_tokens, longest))
+    if bound and total <= tokens - TOKEN_MULTIPLE:  # a pad tail that long would raise the bound
+        return None
+    n = -(-total // longest)
+    return np.array([longest] * (n - 1) + [total - (n - 1) * longest], dtype=np.int64)
 
 
 def plan_token_batches(lengths, max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
@@ -223,8 +259,9 @@ class PackedBatch:
     pool_index: (max_seqs,)     row each head reads (first / last / last non-pad token; 0 in unused slots)
     cells:      (max_seqs * width,) the token at each grid cell (0 where none is): the grid is gathered
                                 from the packed rows (gathers vectorize; a scatter into zeros does not)
-    width: the grid's width: the longest sequence, and at least tokens / max_seqs (so the pad tail
-        fits in the cells no sequence uses), rounded up to BUCKET_MULTIPLE.
+    width: the grid's width: the longest sequence (max_seqlen where set), and at least tokens / max_seqs
+        (so the pad tail fits in the cells no sequence uses), rounded up to BUCKET_MULTIPLE.
+    max_seqlen: what the varlen kernels size their grid by (seqlen_bound), 0 where no kernel reads it.
     """
 
     buffer: torch.Tensor
@@ -235,6 +272,7 @@ class PackedBatch:
     width: int
     position_offset: int = 0
     pool: str = "first"
+    max_seqlen: int = 0
 
     @property
     def padded_tokens(self) -> int:
@@ -242,7 +280,7 @@ class PackedBatch:
 
     @property
     def shape_key(self) -> tuple:
-        return ("packed", self.tokens, self.max_seqs)
+        return ("packed", self.tokens, self.max_seqs, self.max_seqlen)
 
     def views(self, buffer: torch.Tensor | None = None):
         """(input_ids, positions, token_types, seq_ids, slots, cu_seqlens, pool_index, cells) as views
@@ -253,7 +291,8 @@ class PackedBatch:
                 b[5 * t + 2 * s + 2 :])
 
     def device_args(self, device: torch.device) -> tuple:
-        return self.views(_host_to_device(self.buffer, device))
+        """The views on `device`, then max_seqlen (an int: a symbolic one in a dynamic graph)."""
+        return (*self.views(_host_to_device(self.buffer, device)), self.max_seqlen)
 
     def split(self, pad_id: int) -> list[PackedBatch] | None:
         """Two halves, in order, repacked, or None for a single pair."""
@@ -265,19 +304,20 @@ class PackedBatch:
         lengths, h = np.diff(starts), n // 2
         pin = self.buffer.is_pinned()
         return [pack_batch(ids[starts[a] : starts[b]], lengths[a:b], max_seqs=self.max_seqs, pad_id=pad_id, pin=pin,
-                           types=types[starts[a] : starts[b]], position_offset=self.position_offset, pool=self.pool)
+                           types=types[starts[a] : starts[b]], position_offset=self.position_offset, pool=self.pool,
+                           sized_grid=self.max_seqlen > 0)
                 for a, b in ((0, h), (h, n))]
 
 
 def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: int, pin: bool,
                tokens: int | None = None, types: np.ndarray | None = None, position_offset: int | None = None,
-               pool: str = "first") -> PackedBatch:
+               pool: str = "first", sized_grid: bool = False) -> PackedBatch:
     """Pack sequences into one flat batch.
 
     flat: (real tokens,) ids of the sequences back to back, lengths: (batch,), types: (real tokens,) or
     None -> PackedBatch with `tokens` rows (default: the real token count rounded up to TOKEN_MULTIPLE).
-    position_offset: first position id of each sequence (default pad_id + 1, XLM-R's). Array operations
-    only, no per-token Python loop.
+    position_offset: first position id of each sequence (default pad_id + 1, XLM-R's). sized_grid: the
+    attention kernel reads max_seqlen (GRID_BACKENDS). Array operations only, no per-token Python loop.
     """
     n = len(lengths)
     real = int(lengths.sum())
@@ -285,9 +325,12 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
     if n > max_seqs or real > tokens:
         raise ValueError(f"batch of {n} sequences / {real} tokens does not fit {max_seqs} / {tokens}")
     offset = pad_id + 1 if position_offset is None else position_offset
-    width = bucket_length(max(int(lengths.max()) if n else 1, -(-tokens // max_seqs)), BUCKET_MULTIPLE)
+    longest = int(lengths.max()) if n else 1
+    bound = seqlen_bound(longest, tokens - real) if sized_grid else 0
+    # a kernel that reads max_seqlen reads no grid: its width follows the bound, not a shape of its own
+    width = bucket_length(max(bound or longest, -(-tokens // max_seqs)), BUCKET_MULTIPLE)
     buf = torch.empty(5 * tokens + 2 * max_seqs + 2 + max_seqs * width, dtype=torch.int32, pin_memory=pin)
-    batch = PackedBatch(buf, tokens, max_seqs, n, real, width, offset, pool)
+    batch = PackedBatch(buf, tokens, max_seqs, n, real, width, offset, pool, bound)
     flat_ids, pos, tt, seq, slots, cu, index, cells = (v.numpy() for v in batch.views())
     flat_ids[:real], flat_ids[real:] = flat, pad_id
     starts = np.zeros(n + 1, dtype=np.int64)

@@ -144,10 +144,10 @@ def padded_logits(ce, family: Family, kind: str, token_types: bool, input_ids, a
     return family.head(ce, pooled).float()
 
 
-def packed_logits(ce, family: Family, kind: str, token_types: bool, max_seqlen: int, input_ids, positions, types,
-                  seq_ids, slots, cu_seqlens, index, cells):
-    """A packed batch's views (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's own
-    code on a (1, tokens) input, its attention through the registered packed function (packing.py)."""
+def packed_logits(ce, family: Family, kind: str, token_types: bool, input_ids, positions, types, seq_ids, slots,
+                  cu_seqlens, index, cells, max_seqlen: int):
+    """A packed batch's device args (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's
+    own code on a (1, tokens) input, its attention through the registered packed function (packing.py)."""
     from packing import pool
 
     base = family.base(ce)

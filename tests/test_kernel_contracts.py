@@ -4,6 +4,8 @@
   destination's dtype at every step: the sums must be fp32, or a bf16 sum stops growing at ~256x a term.
 * torch's `varlen_attn` changed its signature: 2.10 takes `is_causal` and has neither `scale` nor
   `window_size`; 2.11+ take `scale` and `window_size` keyword-only. Stand-ins of each signature.
+* The varlen kernels size their grid by `max_seqlen` and leave rows past it unwritten: the bound
+  comes from the batch (its longest sequence and its pad tail), rounded so that graphs stay few.
 """
 
 import inspect
@@ -11,10 +13,15 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from sentence_transformers import CrossEncoder
 
+import data
 import packing
-from packing import choose_attention_backend, pool
+from dynamic_cross_encoder import DynamicCrossEncoder, compile_count
+from packing import TOKEN_MULTIPLE, choose_attention_backend, pack_batch, pool
 
+from helpers import FP32, IDENTITY, LONG_TEXT, assert_same_logits, workload
+from test_gpu_paths import varlen_on_cpu  # noqa: F401  (a fixture: torch's varlen_attn on a CPU kernel)
 
 # ---- mean pooling: an fp32 sum, whatever the model's dtype ---------------------------------------
 
@@ -153,3 +160,104 @@ def test_windowed_models_get_varlen_attn_only_where_it_takes_a_window(dtype, mon
         choose_attention_backend("cuda", dtype, "varlen_attn", window=True)
     monkeypatch.setattr(packing, "varlen_attn", varlen_2_11)
     assert choose_attention_backend("cuda", dtype, window=True)[0] == "varlen_attn"
+
+
+# ---- the varlen grid: sized by the batch, not by max_seq_length ----------------------------------
+
+
+@pytest.mark.parametrize("longest, tail, expected", [
+    (1, 0, 256), (256, 255, 256), (257, 0, 512), (300, 255, 512), (512, 0, 512), (513, 0, 1024),
+    (20, 1000, 1024), (8192, 0, 8192), (8193, 0, 16384)])
+def test_seqlen_bound(longest, tail, expected):
+    assert packing.seqlen_bound(longest, tail) == expected
+
+
+def test_pack_batch_bounds_every_sequence_and_the_pad_tail():
+    """max_seqlen covers the pad tail too (the last sequence of cu_seqlens): a long tail raises it."""
+    lengths = np.array([5, 3])
+    flat = np.arange(3, 11, dtype=np.int32)
+    short_tail = pack_batch(flat, lengths, max_seqs=4, pad_id=1, pin=False, sized_grid=True)
+    long_tail = pack_batch(flat, lengths, max_seqs=4, pad_id=1, pin=False, tokens=2048, sized_grid=True)
+    unread = pack_batch(flat, lengths, max_seqs=4, pad_id=1, pin=False, tokens=2048)  # the CPU grid's
+    assert (short_tail.max_seqlen, long_tail.max_seqlen, unread.max_seqlen) == (256, 2048, 0)
+    # the grid a sized batch never reads takes the bound's width: no shape beyond (tokens, max_seqlen)
+    assert (short_tail.width, long_tail.width, unread.width) == (256, 2048, 512)
+    for batch in (short_tail, long_tail):
+        cu = batch.views()[5]
+        assert int((cu[1:] - cu[:-1]).max()) <= batch.max_seqlen
+    assert long_tail.shape_key == ("packed", 2048, 4, 2048) and unread.shape_key == ("packed", 2048, 4, 0)
+
+
+def load(path, **kwargs):
+    return DynamicCrossEncoder(path, device="cpu", local_files_only=True, model_kwargs=FP32, packed=True, **kwargs)
+
+
+def grid_bounds(model, monkeypatch) -> list[tuple[int, int]]:
+    """(max_seqlen given to the kernel, longest sequence of the batch, pad tail included) per call."""
+    seen, original = [], model._logits
+
+    def spy(*args):
+        cu = args[5]
+        seen.append((args[-1], int((cu[1:] - cu[:-1]).max())))
+        return original(*args)
+
+    monkeypatch.setattr(model, "_logits", spy)
+    return seen
+
+
+def test_varlen_grid_is_sized_by_the_batch(varlen_on_cpu, tiny_model_dir, monkeypatch):  # noqa: F811
+    """The tiny twin allows 1024 positions (asked for here); its short pairs need a grid of 256. The CPU kernel leaves
+    rows past max_seqlen NaN, as the CUDA kernel leaves them unwritten: the scores show a bound too small."""
+    model = load(tiny_model_dir, compile=False, attention_backend="sdpa_padded", max_tokens_per_batch=1024,
+                 max_length=1024)
+    model.attention_backend = "varlen_attn"  # the registered fast_rerank_varlen_attn runs the packed calls
+    pairs = data.load_pairs(10, seed=9, min_sentences=1, max_sentences=3) + [[LONG_TEXT, "lorem"]]
+    bounds = grid_bounds(model, monkeypatch)
+    ce = CrossEncoder(tiny_model_dir, device="cpu", local_files_only=True, max_length=1024, model_kwargs=FP32)
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ce.predict(pairs, activation_fn=IDENTITY))
+    assert all(longest <= bound == packing.seqlen_bound(longest, 0) for bound, longest in bounds), bounds
+    assert {bound for bound, _ in bounds} == {256, 1024}, "one batch of short pairs, one with the long one"
+
+
+def test_compiled_varlen_grid_bound_costs_no_graphs(varlen_on_cpu, tiny_model_dir, tiny_cross_encoder):  # noqa: F811
+    """A dynamic graph takes max_seqlen as a symbolic int: batches of many lengths, one graph."""
+    model = load(tiny_model_dir, compile=True, attention_backend="sdpa_padded", max_tokens_per_batch=1024)
+    model.attention_backend = "varlen_attn"
+    model.warmup(batch_size=8)
+    before = compile_count()
+    pairs = workload(30, seed=13) + [[data.SENTENCES[1] * 40, data.SENTENCES[2] * 40]]
+    out = model.predict(pairs, activation_fn=IDENTITY, batch_size=8)
+    assert_same_logits(out, tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY))
+    assert compile_count() == before and model.compiles <= 2
+
+
+def test_cuda_graph_warmup_covers_every_grid_bound(tiny_model_dir, monkeypatch):
+    """Under CUDA graphs each (token count, max_seqlen) is its own recording: warm-up runs each one a
+    batch can meet, its dummy batch bounded exactly so, and later batches of any length meet no new one."""
+    monkeypatch.setattr(DynamicCrossEncoder, "uses_cuda_graphs", property(lambda self: True))
+    model = load(tiny_model_dir, compile=False, max_tokens_per_batch=1024, max_length=512)
+    model.compile_enabled = True  # graphs per shape, without compiling here
+    model.attention_backend = "varlen_attn"
+    shapes = model._warmup_shapes(2)
+    # 2 pairs of at most 256 tokens fill at most 512; (256, 512) would need a pair over 256 in 256 tokens
+    assert shapes == [(1024, 512), (768, 512), (512, 512), (512, 256), (256, 256)]
+    for shape in shapes:
+        batch = model._dummy_batch(shape, 2)
+        assert (batch.tokens, batch.max_seqlen, batch.max_seqs) == (*shape, 2)
+        assert batch.tokens - batch.real_tokens < TOKEN_MULTIPLE, "a pad tail no real batch has"
+    shapes_run = []  # every input shape and int of each launch: a CUDA graph is recorded per distinct one
+
+    def launch(*args):
+        shapes_run.append(tuple(a.shape if isinstance(a, torch.Tensor) else a for a in args))
+        return torch.zeros(args[6].shape[0], 1)
+
+    monkeypatch.setattr(model, "_logits", launch)
+    model.warmup(batch_size=2)
+    warm, shapes_run[:] = set(shapes_run), []
+    rng = np.random.default_rng(0)
+    pairs = [[" ".join(rng.choice(data.WORDS, size=int(n))), ""] for n in rng.integers(0, 700, size=40)]
+    lengths = model._encode(pairs).lengths
+    assert lengths.min() < 100 and ((lengths > 256) & (lengths < 512)).any() and lengths.max() == 512
+    model.predict(pairs, batch_size=2)
+    assert model.unwarmed_shapes == [] and model.last_timings.batches == 20
+    assert set(shapes_run) <= warm, set(shapes_run) - warm
