@@ -21,6 +21,7 @@ thread ahead of `predict` (a server's request handlers), so the model's thread o
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import warnings
@@ -216,9 +217,10 @@ class DynamicCrossEncoder(CrossEncoder):
                 show_progress_bar: bool | None = None, activation_fn=None, apply_softmax: bool | None = False,
                 convert_to_numpy: bool = True, convert_to_tensor: bool = False, device=None, pool=None,
                 chunk_size: int | None = None, **kwargs):
-        """Same contract as CrossEncoder.predict. Prompts, pools and device lists go to the
-        CrossEncoder implementation (uncompiled); everything else takes the fast path. `inputs` may
-        also be `encode_pairs`' result: the pairs tokenized ahead, on another thread."""
+        """Same contract as CrossEncoder.predict (convert_to_tensor: on the model's device). Prompts, pools
+        and device lists go to the CrossEncoder implementation (uncompiled, on the model's thread);
+        everything else takes the fast path. `inputs` may also be `encode_pairs`' result: the pairs
+        tokenized ahead, on another thread."""
         _check_int("batch_size", batch_size)
         slow_path = prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs
         if isinstance(inputs, EncodedPairs):
@@ -228,8 +230,12 @@ class DynamicCrossEncoder(CrossEncoder):
                 raise ValueError(f"inputs were encoded at max_length {inputs.max_length}, the model now truncates "
                                  f"at {self.max_seq_length}: encode them again")
             single, pairs = False, inputs
-        elif slow_path:
-            return super().predict(inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar, activation_fn=activation_fn, apply_softmax=apply_softmax, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device, pool=pool, chunk_size=chunk_size, **kwargs)
+        elif slow_path:  # on the model's thread too: a packed call there switches the model's attention
+            return self._on_owner(functools.partial(
+                super().predict, inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size,
+                show_progress_bar=show_progress_bar, activation_fn=activation_fn, apply_softmax=apply_softmax,
+                convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device, pool=pool,
+                chunk_size=chunk_size, **kwargs))
         else:
             single = self.is_singular_input(inputs)
             pairs = validate_pairs([inputs] if single else inputs)
@@ -240,7 +246,8 @@ class DynamicCrossEncoder(CrossEncoder):
             scores = scores.squeeze(-1)
         elif apply_softmax:
             scores = torch.softmax(scores, dim=1)
-        out = scores if convert_to_tensor else scores.numpy() if convert_to_numpy else list(scores)
+        # a tensor where the model is, as CrossEncoder stacks its scores on the model's device
+        out = scores.to(self.device) if convert_to_tensor else scores.numpy() if convert_to_numpy else list(scores)
         return out[0] if single else out
 
     def encode_pairs(self, pairs) -> EncodedPairs:
