@@ -237,21 +237,21 @@ class PairTokenizer:
             return f"CrossEncoder's tokenization ({self.fallback_reason})"
         return "tokenizers backend, each distinct text once" + (", token types" if self.token_types else "")
 
-    def encode(self, pairs, first: int = 0) -> Ragged:
-        return self.encode_pairs(pairs, first).ids
+    def encode(self, pairs) -> Ragged:
+        return self.encode_pairs(pairs).ids
 
-    def encode_pairs(self, pairs, first: int = 0) -> EncodedPairs:
+    def encode_pairs(self, pairs) -> EncodedPairs:
         """The ids, and each pair's tokens before truncation: the texts' own tokens and the template's.
-        A pair of no tokens is refused, naming its index (first: the index of pairs[0] in the call)."""
+        A pair of no tokens is refused (EmptyPairError, naming its index)."""
         if self.fallback_reason:
-            encoded = EncodedPairs(self._reference_or_refuse(pairs, first), self._count_reference(pairs), self.max_length)
+            encoded = EncodedPairs(self._reference_or_refuse(pairs), self._count_reference(pairs), self.max_length)
         else:
             encoded = self._encode_fast(pairs)
         if len(empty := np.flatnonzero(encoded.ids.lengths == 0)):
-            raise _no_tokens(pairs, first, int(empty[0]))
+            raise EmptyPairError(int(empty[0]), pairs[empty[0]])
         return encoded
 
-    def _reference_or_refuse(self, pairs, first: int) -> Ragged:
+    def _reference_or_refuse(self, pairs) -> Ragged:
         """The reference's ids; where it refuses the call, a pair of no tokens (CrossEncoder refuses
         those) is named in a ValueError, anything else is raised as it came."""
         try:
@@ -263,7 +263,7 @@ class PairTokenizer:
                 except Exception:
                     empty = True
                 if empty:
-                    raise _no_tokens(pairs, first, int(i)) from None
+                    raise EmptyPairError(int(i), pairs[i]) from None
             raise
 
     def _encode_fast(self, pairs) -> EncodedPairs:
@@ -298,7 +298,10 @@ class PairTokenizer:
         caller packs and launches chunk i."""
         def encode(lo, hi):
             t = time.perf_counter()
-            return self.encode(pairs[lo:hi], lo), time.perf_counter() - t
+            try:
+                return self.encode(pairs[lo:hi]), time.perf_counter() - t
+            except EmptyPairError as e:  # its index in the call, not in the chunk
+                raise EmptyPairError(lo + e.index, e.pair) from None
 
         if len(bounds) == 1:  # nothing to overlap: no thread to start and hand over to
             yield (np.arange(*bounds[0]), *encode(*bounds[0]))
@@ -341,9 +344,13 @@ class PairTokenizer:
         return Ragged.from_padded(arrays["input_ids"], arrays["attention_mask"], types)
 
 
-def _no_tokens(pairs, first: int, i: int) -> ValueError:
-    return ValueError(f"inputs[{first + i}] ({list(pairs[i])!r}) has no tokens: the tokenizer adds neither special "
-                      "tokens nor a prompt template to it, and CrossEncoder cannot score it either")
+class EmptyPairError(ValueError):
+    """inputs[index] tokenizes to no tokens: there is nothing to score."""
+
+    def __init__(self, index: int, pair):
+        super().__init__(f"inputs[{index}] ({list(pair)!r}) has no tokens: the tokenizer adds neither special tokens "
+                         "nor a prompt template to it, and CrossEncoder cannot score it either")
+        self.index, self.pair = index, pair
 
 
 def _copy_prefixes(dst: np.ndarray, dst_starts: np.ndarray, src: Ragged, rows: np.ndarray, keep: np.ndarray):
