@@ -21,6 +21,7 @@ thread ahead of `predict` (a server's request handlers), so the model's thread o
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import warnings
@@ -45,7 +46,7 @@ from device_policy import device_defaults, inductor_settings, model_dtype  # dev
 from pair_tokenizer import EncodedPairs, PairTokenizer, Ragged, chunk_bounds, validate_pairs
 from packing import (
     BUCKET_MULTIPLE,
-    TOKEN_MULTIPLE,
+    GRID_BACKENDS,
     PaddedBatch,
     bucket_length,
     choose_attention_backend,
@@ -55,7 +56,9 @@ from packing import (
     plan_token_batches,
     position_limit,
     register_library_attention,
+    seqlen_bounds,
     token_buckets,
+    warm_lengths,
 )
 from models import checkpoint_dir
 
@@ -205,10 +208,8 @@ class DynamicCrossEncoder(CrossEncoder):
         return padded_logits(self, self.family, self._pool, self._token_types, *args)
 
     def _packed_logits(self, *args):
-        # varlen kernels size their grid by max_seqlen and leave rows past it unwritten; the pad
-        # tail is shorter than TOKEN_MULTIPLE, so this bound covers it as well as every real pair.
-        max_seqlen = max(self.max_seq_length, TOKEN_MULTIPLE)
-        return packed_logits(self, self.family, self._pool, self._token_types, max_seqlen, *args)
+        # the last argument, max_seqlen, bounds every sequence of the batch and its pad tail (pack_batch)
+        return packed_logits(self, self.family, self._pool, self._token_types, *args)
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -216,9 +217,10 @@ class DynamicCrossEncoder(CrossEncoder):
                 show_progress_bar: bool | None = None, activation_fn=None, apply_softmax: bool | None = False,
                 convert_to_numpy: bool = True, convert_to_tensor: bool = False, device=None, pool=None,
                 chunk_size: int | None = None, **kwargs):
-        """Same contract as CrossEncoder.predict. Prompts, pools and device lists go to the
-        CrossEncoder implementation (uncompiled); everything else takes the fast path. `inputs` may
-        also be `encode_pairs`' result: the pairs tokenized ahead, on another thread."""
+        """Same contract as CrossEncoder.predict (convert_to_tensor: on the model's device). Prompts, pools
+        and device lists go to the CrossEncoder implementation (uncompiled, on the model's thread);
+        everything else takes the fast path. `inputs` may also be `encode_pairs`' result: the pairs
+        tokenized ahead, on another thread."""
         _check_int("batch_size", batch_size)
         slow_path = prompt_name is not None or prompt is not None or pool is not None or isinstance(device, list) or kwargs
         if isinstance(inputs, EncodedPairs):
@@ -228,8 +230,12 @@ class DynamicCrossEncoder(CrossEncoder):
                 raise ValueError(f"inputs were encoded at max_length {inputs.max_length}, the model now truncates "
                                  f"at {self.max_seq_length}: encode them again")
             single, pairs = False, inputs
-        elif slow_path:
-            return super().predict(inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar, activation_fn=activation_fn, apply_softmax=apply_softmax, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device, pool=pool, chunk_size=chunk_size, **kwargs)
+        elif slow_path:  # on the model's thread too: a packed call there switches the model's attention
+            return self._on_owner(functools.partial(
+                super().predict, inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size,
+                show_progress_bar=show_progress_bar, activation_fn=activation_fn, apply_softmax=apply_softmax,
+                convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device, pool=pool,
+                chunk_size=chunk_size, **kwargs))
         else:
             single = self.is_singular_input(inputs)
             pairs = validate_pairs([inputs] if single else inputs)
@@ -240,7 +246,8 @@ class DynamicCrossEncoder(CrossEncoder):
             scores = scores.squeeze(-1)
         elif apply_softmax:
             scores = torch.softmax(scores, dim=1)
-        out = scores if convert_to_tensor else scores.numpy() if convert_to_numpy else list(scores)
+        # a tensor where the model is, as CrossEncoder stacks its scores on the model's device
+        out = scores.to(self.device) if convert_to_tensor else scores.numpy() if convert_to_numpy else list(scores)
         return out[0] if single else out
 
     def encode_pairs(self, pairs) -> EncodedPairs:
@@ -323,10 +330,14 @@ class DynamicCrossEncoder(CrossEncoder):
         return (activation_fn or self.activation_fn)(self._predict_logits(pairs, batch_size, progress))
 
     def _warmup_shapes(self, batch_size: int) -> list:
-        """Largest first: autotuning picks its kernels on the first shape it sees."""
+        """Largest first: autotuning picks its kernels on the first shape it sees. Packed graphs per
+        shape: (tokens, max_seqlen) for every bound a batch of that token count can have."""
         if self.packed:
             buckets = token_buckets(self.max_tokens_per_batch, self.max_seq_length)[::-1]
-            return buckets if self.graphs_per_shape else [buckets[0], buckets[-1]]
+            if not self.graphs_per_shape:
+                return [buckets[0], buckets[-1]]  # a dynamic graph: max_seqlen is a symbolic int
+            bounds = seqlen_bounds(self.max_seq_length) if self._sized_grid else [0]
+            return [(t, b) for t in buckets for b in bounds if self._warm_lengths((t, b), batch_size) is not None]
         widths = list(range(bucket_length(self.max_seq_length, self.bucket_multiple), 0, -self.bucket_multiple))
         if self.graphs_per_shape:  # rows are padded to batch_size there, so the widths are every shape
             return [(batch_size, w) for w in widths]
@@ -348,6 +359,10 @@ class DynamicCrossEncoder(CrossEncoder):
         """A batch of `shape` filled with full-length sequences, like a real full batch."""
         # the ids do not matter, only the shapes: a token that is not the pad
         token = 1 + self._pad_id if self._pad_id + 1 < len(self.tokenizer) else 0
+        if self.packed and isinstance(shape, tuple):  # a graph per shape: (tokens, max_seqlen)
+            lengths = self._warm_lengths(shape, batch_size)
+            flat = np.full(int(lengths.sum()), token, dtype=np.int32)
+            return self._pack(flat, lengths, None, max_seqs=batch_size, pin=False, tokens=shape[0])
         if self.packed:
             length = min(shape, self.max_seq_length)
             n = max(1, min(batch_size, shape // length))
@@ -359,8 +374,17 @@ class DynamicCrossEncoder(CrossEncoder):
         rows, width = shape
         return self._pad(np.full(rows * width, token, dtype=np.int32), np.full(rows, width), None, width=width)
 
+    def _warm_lengths(self, shape, batch_size):
+        return warm_lengths(*shape, max_length=self.max_seq_length, max_seqs=batch_size,
+                            max_tokens=self.max_tokens_per_batch)
+
+    @property
+    def _sized_grid(self) -> bool:
+        """The packed attention reads max_seqlen (packing.GRID_BACKENDS); else batches carry 0."""
+        return self.attention_backend in GRID_BACKENDS
+
     def _pack(self, flat, lengths, types, **kw):
-        return pack_batch(flat, lengths, pad_id=self._pad_id, types=types, pool=self._pool,
+        return pack_batch(flat, lengths, pad_id=self._pad_id, types=types, pool=self._pool, sized_grid=self._sized_grid,
                           position_offset=default_position_offset(self.model.config), **kw)
 
     def _pad(self, flat, lengths, types, **kw):

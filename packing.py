@@ -14,6 +14,7 @@ models) so each piece is tested on its own, on the CPU.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,9 @@ TOKEN_MULTIPLE = 256
 DYNAMIC_TOKEN_MULTIPLE = 128
 # The varlen kernels (flash-attn's and torch's) take half precision only.
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+# Backends whose kernels size their launch grid by max_seqlen and leave rows past it unwritten; the
+# others never read it, and their batches carry 0 (no shape of its own).
+GRID_BACKENDS = ("flash_attn", "varlen_attn", "sdpa_nested")
 
 
 def flash_attn_available() -> bool:
@@ -85,6 +89,39 @@ def dynamic_tokens(lengths: np.ndarray, max_seqs: int) -> int:
     grid holds, so the pad tail fits in its free cells without widening it (pack_batch)."""
     real, longest = int(lengths.sum()), int(lengths.max())
     return min(bucket_length(real, DYNAMIC_TOKEN_MULTIPLE), max_seqs * bucket_length(longest))
+
+
+def seqlen_bound(longest: int, tail: int) -> int:
+    """max_seqlen of a packed batch: its longest sequence or its pad tail (the last sequence), rounded
+    up to a power of two >= TOKEN_MULTIPLE. Sized by the batch, not by max_seq_length (8192 positions
+    for bge-reranker-v2-m3), and few: each distinct bound is a CUDA-graph recording or a static compile
+    per token count, log2(max_length / 256) + 1 of them (6 for 8192, where multiples of 256 would make
+    32), at the price of at most twice the grid blocks, which exit at once past a sequence's end."""
+    n = max(longest, tail, TOKEN_MULTIPLE)
+    return 1 << (n - 1).bit_length()
+
+
+def seqlen_bounds(max_length: int) -> list[int]:
+    """Every seqlen_bound of a batch of sequences up to max_length (its pad tail under TOKEN_MULTIPLE),
+    largest first."""
+    bounds = [seqlen_bound(max_length, 0)]
+    while bounds[-1] > TOKEN_MULTIPLE:
+        bounds.append(bounds[-1] // 2)
+    return bounds
+
+
+def warm_lengths(tokens: int, bound: int, *, max_length: int, max_seqs: int, max_tokens: int) -> np.ndarray | None:
+    """Lengths of a batch that packs to `tokens` (a TOKEN_MULTIPLE bucket) with seqlen_bound `bound`, as a
+    real batch would: at most max_seqs sequences of at most max_length tokens, more than one only within
+    max_tokens (plan_token_batches). None where no real batch can. bound 0: no kernel reads it."""
+    longest = min(max_length, tokens, bound or tokens)
+    if bound and seqlen_bound(longest, 0) != bound:
+        return None
+    total = min(tokens, max_seqs * longest, max(max_tokens, longest))
+    if bound and total <= tokens - TOKEN_MULTIPLE:  # a pad tail that long would raise the bound
+        return None
+    n = -(-total // longest)
+    return np.array([longest] * (n - 1) + [total - (n - 1) * longest], dtype=np.int64)
 
 
 def plan_token_batches(lengths, max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
@@ -222,8 +259,9 @@ class PackedBatch:
     pool_index: (max_seqs,)     row each head reads (first / last / last non-pad token; 0 in unused slots)
     cells:      (max_seqs * width,) the token at each grid cell (0 where none is): the grid is gathered
                                 from the packed rows (gathers vectorize; a scatter into zeros does not)
-    width: the grid's width: the longest sequence, and at least tokens / max_seqs (so the pad tail
-        fits in the cells no sequence uses), rounded up to BUCKET_MULTIPLE.
+    width: the grid's width: the longest sequence (max_seqlen where set), and at least tokens / max_seqs
+        (so the pad tail fits in the cells no sequence uses), rounded up to BUCKET_MULTIPLE.
+    max_seqlen: what the varlen kernels size their grid by (seqlen_bound), 0 where no kernel reads it.
     """
 
     buffer: torch.Tensor
@@ -234,6 +272,7 @@ class PackedBatch:
     width: int
     position_offset: int = 0
     pool: str = "first"
+    max_seqlen: int = 0
 
     @property
     def padded_tokens(self) -> int:
@@ -241,7 +280,7 @@ class PackedBatch:
 
     @property
     def shape_key(self) -> tuple:
-        return ("packed", self.tokens, self.max_seqs)
+        return ("packed", self.tokens, self.max_seqs, self.max_seqlen)
 
     def views(self, buffer: torch.Tensor | None = None):
         """(input_ids, positions, token_types, seq_ids, slots, cu_seqlens, pool_index, cells) as views
@@ -252,7 +291,8 @@ class PackedBatch:
                 b[5 * t + 2 * s + 2 :])
 
     def device_args(self, device: torch.device) -> tuple:
-        return self.views(_host_to_device(self.buffer, device))
+        """The views on `device`, then max_seqlen (an int: a symbolic one in a dynamic graph)."""
+        return (*self.views(_host_to_device(self.buffer, device)), self.max_seqlen)
 
     def split(self, pad_id: int) -> list[PackedBatch] | None:
         """Two halves, in order, repacked, or None for a single pair."""
@@ -264,19 +304,20 @@ class PackedBatch:
         lengths, h = np.diff(starts), n // 2
         pin = self.buffer.is_pinned()
         return [pack_batch(ids[starts[a] : starts[b]], lengths[a:b], max_seqs=self.max_seqs, pad_id=pad_id, pin=pin,
-                           types=types[starts[a] : starts[b]], position_offset=self.position_offset, pool=self.pool)
+                           types=types[starts[a] : starts[b]], position_offset=self.position_offset, pool=self.pool,
+                           sized_grid=self.max_seqlen > 0)
                 for a, b in ((0, h), (h, n))]
 
 
 def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: int, pin: bool,
                tokens: int | None = None, types: np.ndarray | None = None, position_offset: int | None = None,
-               pool: str = "first") -> PackedBatch:
+               pool: str = "first", sized_grid: bool = False) -> PackedBatch:
     """Pack sequences into one flat batch.
 
     flat: (real tokens,) ids of the sequences back to back, lengths: (batch,), types: (real tokens,) or
     None -> PackedBatch with `tokens` rows (default: the real token count rounded up to TOKEN_MULTIPLE).
-    position_offset: first position id of each sequence (default pad_id + 1, XLM-R's). Array operations
-    only, no per-token Python loop.
+    position_offset: first position id of each sequence (default pad_id + 1, XLM-R's). sized_grid: the
+    attention kernel reads max_seqlen (GRID_BACKENDS). Array operations only, no per-token Python loop.
     """
     n = len(lengths)
     real = int(lengths.sum())
@@ -284,9 +325,12 @@ def pack_batch(flat: np.ndarray, lengths: np.ndarray, *, max_seqs: int, pad_id: 
     if n > max_seqs or real > tokens:
         raise ValueError(f"batch of {n} sequences / {real} tokens does not fit {max_seqs} / {tokens}")
     offset = pad_id + 1 if position_offset is None else position_offset
-    width = bucket_length(max(int(lengths.max()) if n else 1, -(-tokens // max_seqs)), BUCKET_MULTIPLE)
+    longest = int(lengths.max()) if n else 1
+    bound = seqlen_bound(longest, tokens - real) if sized_grid else 0
+    # a kernel that reads max_seqlen reads no grid: its width follows the bound, not a shape of its own
+    width = bucket_length(max(bound or longest, -(-tokens // max_seqs)), BUCKET_MULTIPLE)
     buf = torch.empty(5 * tokens + 2 * max_seqs + 2 + max_seqs * width, dtype=torch.int32, pin_memory=pin)
-    batch = PackedBatch(buf, tokens, max_seqs, n, real, width, offset, pool)
+    batch = PackedBatch(buf, tokens, max_seqs, n, real, width, offset, pool, bound)
     flat_ids, pos, tt, seq, slots, cu, index, cells = (v.numpy() for v in batch.views())
     flat_ids[:real], flat_ids[real:] = flat, pad_id
     starts = np.zeros(n + 1, dtype=np.int64)
@@ -326,15 +370,37 @@ def _attn_flash(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, sl
                                   window_size=w)
 
 
+_VARLEN_PARAMS: dict = {}  # varlen_attn -> the names it takes (a dict lookup compiles; lru_cache warns)
+
+
+def _varlen_params(fn) -> frozenset:
+    """torch 2.10's varlen_attn takes `is_causal` and has neither `scale` nor `window_size`; 2.11+ take
+    those two keyword-only ((-1, 0) is causal) and no `is_causal`. Read off the signature once."""
+    if fn not in _VARLEN_PARAMS:
+        _VARLEN_PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
+    return _VARLEN_PARAMS[fn]
+
+
 def _attn_varlen(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
-    # torch 2.10's varlen_attn has no `scale`; 2.11+ take it keyword-only. The kernels' default is
-    # head_dim ** -0.5, so it is passed only when it differs; window_size likewise only when set.
-    kw = {}
+    # The kernels' default scale is head_dim ** -0.5: passed only when it differs, the window only when set.
+    takes, kw = _varlen_params(varlen_attn), {}
     if abs(scale * q.shape[-1] ** 0.5 - 1.0) >= 1e-6:
+        if "scale" not in takes:
+            raise TypeError(f"this torch's varlen_attn takes no scale (torch 2.10) and the model's attention scale is "
+                            f"{scale:.4g}, not head_dim ** -0.5: use torch >= 2.11 or attention_backend='sdpa_nested'")
         kw["scale"] = scale
-    if causal or window is not None:
+    if window is not None and "window_size" not in takes:
+        raise TypeError("this torch's varlen_attn takes no window_size (torch 2.10): sliding-window models need "
+                        "torch >= 2.11 or attention_backend='sdpa_padded'")
+    if "window_size" in takes and (causal or window is not None):
         kw["window_size"] = (-1 if window is None else window, 0 if causal else window)
+    elif causal:
+        kw["is_causal"] = True
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
+
+
+def varlen_takes_window() -> bool:
+    return varlen_attn is not None and "window_size" in _varlen_params(varlen_attn)
 
 
 def _attn_nested(q, k, v, cu, max_seqlen, scale, *, causal=False, window=None, slots=None, cells=None):
@@ -432,7 +498,7 @@ def attention_backends(device_type: str, dtype: torch.dtype, *, window: bool = F
         half = dtype in VARLEN_DTYPES
         if flash_attn_varlen_func is not None and half:
             usable.append(("flash_attn", "flash-attn installed"))
-        if varlen_attn is not None and half:
+        if varlen_attn is not None and half and (varlen_takes_window() or not window):  # torch 2.10: no window
             usable.append(("varlen_attn", "torch varlen attention" + ("" if flash_attn_available() else "; flash-attn not installed")))
         why = f"{str(dtype).removeprefix('torch.')}: varlen kernels take fp16/bf16 only" if not half else "no varlen kernel"
         nested = [] if window else [("sdpa_nested", why)]
@@ -507,9 +573,14 @@ def register_library_attention() -> None:
 
 def pool(hidden: torch.Tensor, kind: str, index: torch.Tensor, seq_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """hidden: (tokens, hidden) -> (seqs, hidden): the rows at `index`, or for "mean" the mean of each
-    sequence's tokens (seq_ids: (tokens,), seqs for tokens of no sequence; lengths: (seqs,))."""
+    sequence's tokens (seq_ids: (tokens,), seqs for tokens of no sequence; lengths: (seqs,)).
+
+    The mean sums in fp32 at least, then casts back to the model's dtype, as sentence-transformers'
+    Pooling does: on CUDA index_add_ is an atomic add per token rounded to the sum's dtype, and a bf16
+    sum stops growing at ~256x a term (600 ones would average to 0.43)."""
     if kind != "mean":
         return hidden[index.long()]
-    seqs = index.shape[0]
-    sums = hidden.new_zeros(seqs + 1, hidden.shape[-1]).index_add_(0, seq_ids.long(), hidden)
-    return sums[:seqs] / lengths.clamp(min=1)[:, None].to(hidden.dtype)
+    seqs, wide = index.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+    sums = torch.zeros(seqs + 1, hidden.shape[-1], dtype=wide, device=hidden.device)
+    sums.index_add_(0, seq_ids.long(), hidden.to(wide))
+    return (sums[:seqs] / lengths.clamp(min=1)[:, None].to(wide)).to(hidden.dtype)

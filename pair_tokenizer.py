@@ -206,12 +206,31 @@ class PairTokenizer:
         return [(ids[c], types[c]) for c in cuts]
 
     def _probe(self) -> str | None:
-        got, want = self.encode(PROBE_PAIRS), self._encode_reference(PROBE_PAIRS)
+        pairs, want = self._probe_reference()
+        if not pairs:
+            return "CrossEncoder's tokenization refused every probe pair"
+        got = self._encode_fast(pairs).ids
         if not (np.array_equal(got.lengths, want.lengths) and np.array_equal(got.flat, want.flat)):
             return "the fast path's ids differ from CrossEncoder's on probe pairs (e.g. a prompt template)"
         if self.token_types and (want.types is None or not np.array_equal(got.types, want.types)):
             return "the fast path's token types differ from CrossEncoder's on probe pairs"
         return None
+
+    def _probe_reference(self) -> tuple[list, Ragged | None]:
+        """(the probe pairs the reference encodes, their ids). A pair it refuses is left out, so the probe
+        never makes a model unusable: a generative reranker without a prompt template encodes ("", "")
+        as no tokens, and sentence-transformers 6 refuses it (causal models need a last real token)."""
+        try:
+            return PROBE_PAIRS, self._encode_reference(PROBE_PAIRS)
+        except Exception:  # whatever the reference raises: find the pairs it takes, one by one
+            kept, parts = [], []
+            for pair in PROBE_PAIRS:
+                try:
+                    parts.append(self._encode_reference([pair]))
+                    kept.append(pair)
+                except Exception:
+                    continue
+            return kept, Ragged.concat(parts) if parts else None
 
     def describe(self) -> str:
         if self.fallback_reason:
@@ -222,9 +241,32 @@ class PairTokenizer:
         return self.encode_pairs(pairs).ids
 
     def encode_pairs(self, pairs) -> EncodedPairs:
-        """The ids, and each pair's tokens before truncation: the texts' own tokens and the template's."""
+        """The ids, and each pair's tokens before truncation: the texts' own tokens and the template's.
+        A pair of no tokens is refused (EmptyPairError, naming its index)."""
         if self.fallback_reason:
-            return EncodedPairs(self._encode_reference(pairs), self._count_reference(pairs), self.max_length)
+            encoded = EncodedPairs(self._reference_or_refuse(pairs), self._count_reference(pairs), self.max_length)
+        else:
+            encoded = self._encode_fast(pairs)
+        if len(empty := np.flatnonzero(encoded.ids.lengths == 0)):
+            raise EmptyPairError(int(empty[0]), pairs[empty[0]])
+        return encoded
+
+    def _reference_or_refuse(self, pairs) -> Ragged:
+        """The reference's ids; where it refuses the call, a pair of no tokens (CrossEncoder refuses
+        those) is named in a ValueError, anything else is raised as it came."""
+        try:
+            return self._encode_reference(pairs)
+        except Exception:
+            for i in np.flatnonzero(self._count_reference(pairs) == 0):  # no text tokens, no special tokens
+                try:
+                    empty = len(self._encode_reference([pairs[i]]).flat) == 0
+                except Exception:
+                    empty = True
+                if empty:
+                    raise EmptyPairError(int(i), pairs[i]) from None
+            raise
+
+    def _encode_fast(self, pairs) -> EncodedPairs:
         (firsts, i1), (seconds, i2) = _distinct([a for a, _ in pairs]), _distinct([b for _, b in pairs])
         # one parallel encode for both sides: a call's threads are started once
         a = b = self._encode_texts(firsts + seconds)
@@ -256,7 +298,10 @@ class PairTokenizer:
         caller packs and launches chunk i."""
         def encode(lo, hi):
             t = time.perf_counter()
-            return self.encode(pairs[lo:hi]), time.perf_counter() - t
+            try:
+                return self.encode(pairs[lo:hi]), time.perf_counter() - t
+            except EmptyPairError as e:  # its index in the call, not in the chunk
+                raise EmptyPairError(lo + e.index, e.pair) from None
 
         if len(bounds) == 1:  # nothing to overlap: no thread to start and hand over to
             yield (np.arange(*bounds[0]), *encode(*bounds[0]))
@@ -297,6 +342,15 @@ class PairTokenizer:
                   if k in ("input_ids", "attention_mask", "token_type_ids")}
         types = arrays.get("token_type_ids") if self.token_types else None
         return Ragged.from_padded(arrays["input_ids"], arrays["attention_mask"], types)
+
+
+class EmptyPairError(ValueError):
+    """inputs[index] tokenizes to no tokens: there is nothing to score."""
+
+    def __init__(self, index: int, pair):
+        super().__init__(f"inputs[{index}] ({list(pair)!r}) has no tokens: the tokenizer adds neither special tokens "
+                         "nor a prompt template to it, and CrossEncoder cannot score it either")
+        self.index, self.pair = index, pair
 
 
 def _copy_prefixes(dst: np.ndarray, dst_starts: np.ndarray, src: Ragged, rows: np.ndarray, keep: np.ndarray):

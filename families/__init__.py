@@ -18,6 +18,7 @@ family is a file here with a `FAMILY` and its tests.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -116,14 +117,26 @@ def library_attention_reason(ce) -> str | None:
 
 # ---- the compiled boundary: the library's base model, then the family's pooling and head ----------
 
+_TAKES_USE_CACHE: dict = {}  # base model class -> its forward takes use_cache (a dict lookup compiles)
+
+
+def _no_cache(base) -> dict:
+    """use_cache=False for a forward that takes it: decoders (Qwen) default it to their config's True and
+    would copy every layer's keys and values into a cache nothing reads. Others get nothing."""
+    cls = type(base)
+    if cls not in _TAKES_USE_CACHE:
+        _TAKES_USE_CACHE[cls] = "use_cache" in inspect.signature(cls.forward).parameters
+    return {"use_cache": False} if _TAKES_USE_CACHE[cls] else {}
+
 
 def padded_logits(ce, family: Family, kind: str, token_types: bool, input_ids, attention_mask, token_type_ids, index):
     """(n, width) ids, mask, types; index (n,) -> (n, labels) float32: the base model with its own
     attention and mask, then the family's head on the pooled rows."""
     from packing import pool
 
+    base = family.base(ce)
     kw = {"token_type_ids": token_type_ids} if token_types else {}
-    hidden = family.base(ce)(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kw, **_no_cache(base)).last_hidden_state
     n, width = input_ids.shape
     rows = torch.arange(n, device=input_ids.device)[:, None]
     seq_ids = torch.where(attention_mask.bool(), rows, n).flatten()
@@ -131,16 +144,17 @@ def padded_logits(ce, family: Family, kind: str, token_types: bool, input_ids, a
     return family.head(ce, pooled).float()
 
 
-def packed_logits(ce, family: Family, kind: str, token_types: bool, max_seqlen: int, input_ids, positions, types,
-                  seq_ids, slots, cu_seqlens, index, cells):
-    """A packed batch's views (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's own
-    code on a (1, tokens) input, its attention through the registered packed function (packing.py)."""
+def packed_logits(ce, family: Family, kind: str, token_types: bool, input_ids, positions, types, seq_ids, slots,
+                  cu_seqlens, index, cells, max_seqlen: int):
+    """A packed batch's device args (packing.PackedBatch) -> (max_seqs, labels) float32: the base model's
+    own code on a (1, tokens) input, its attention through the registered packed function (packing.py)."""
     from packing import pool
 
+    base = family.base(ce)
     kw = {"token_type_ids": types[None]} if token_types else {}
-    hidden = family.base(ce)(
+    hidden = base(
         input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-        max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_cells=cells, **kw,
+        max_length_q=max_seqlen, max_length_k=max_seqlen, packed_slots=slots, packed_cells=cells, **kw, **_no_cache(base),
     ).last_hidden_state[0]
     seqs = index.shape[0]
     pooled = pool(hidden, kind, index, seq_ids, cu_seqlens[1 : seqs + 1] - cu_seqlens[:seqs])

@@ -8,6 +8,7 @@ check as long as the reference logits themselves spread much wider than that (as
 """
 
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -230,3 +231,79 @@ def test_random_words_pairs_cover_bucket_edges(eager, tiny_cross_encoder):
     assert len({int(n) % 16 for n in lengths}) >= 10
     ref = tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY, batch_size=5)
     assert_same_logits(eager.predict(pairs, activation_fn=IDENTITY, batch_size=5), ref)
+
+
+# ---- what CrossEncoder returns, where it returns it -------------------------------------------
+
+
+@pytest.mark.parametrize("inputs", [workload(3, seed=4), ["lorem", "ipsum"], []], ids=["pairs", "single", "empty"])
+def test_convert_to_tensor_matches_cross_encoder(inputs, eager, tiny_cross_encoder):
+    got = eager.predict(inputs, convert_to_tensor=True, activation_fn=IDENTITY)
+    want = tiny_cross_encoder.predict(inputs, convert_to_tensor=True, activation_fn=IDENTITY)
+    assert isinstance(got, torch.Tensor) and (got.dtype, got.device, got.shape) == (want.dtype, want.device, want.shape)
+    if inputs:
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_convert_to_tensor_returns_scores_on_the_models_device(eager, monkeypatch):
+    """sentence-transformers 6 stacks the scores where the model ran (CrossEncoder._inference): on a GPU
+    model a tensor on the GPU. Here the model 'is' on the meta device and its scores come back on the CPU."""
+    monkeypatch.setattr(eager, "_on_owner", lambda fn, *args: torch.tensor([[0.5], [0.25]]))
+    monkeypatch.setattr(DynamicCrossEncoder, "device", property(lambda self: torch.device("meta")))
+    pairs = [["lorem", "ipsum"], ["dolor", "sit"]]
+    out = eager.predict(pairs, convert_to_tensor=True)
+    assert out.device.type == "meta" and out.shape == (2,) and out.dtype == torch.float32
+    assert eager.predict(pairs[:1] * 2, convert_to_tensor=True)[0].device.type == "meta"
+    assert eager.predict(pairs).tolist() == [0.5, 0.25]  # numpy and lists stay on the host
+
+
+# ---- CrossEncoder's own predict runs where the packed calls run --------------------------------
+
+PROMPT = "Score the passage for the query: "
+
+
+def test_prompted_predict_never_meets_the_packed_attention(tiny_model_dir, tiny_cross_encoder, monkeypatch):
+    """A packed call switches the model config's attention to the packed kernel for its forward.
+    CrossEncoder's own predict (prompts, pools, device lists) must never run its forward meanwhile from
+    another thread: the packed kernel gets no cu_seq_lens there (KeyError). A packed call is paused in
+    its forward while a prompted call comes in from another thread."""
+    model = DynamicCrossEncoder(tiny_model_dir, packed=True, compile=False, device="cpu", local_files_only=True,
+                                model_kwargs=FP32)
+    config, pairs = model.model.config, workload(6, seed=8)
+    own = config._attn_implementation
+    inside, go_on, owner, seen = threading.Event(), threading.Event(), [], []
+    packed_forward, forward, submit = model._logits, model.model.forward, model._owner.submit
+
+    def paused(*args):  # the packed call, its attention switched on
+        owner.append(threading.get_ident())
+        inside.set()
+        assert go_on.wait(60)
+        return packed_forward(*args)
+
+    def prompted_forward(*args, **kwargs):  # CrossEncoder's own forward: which thread, which attention
+        seen.append((threading.get_ident(), config._attn_implementation))
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            go_on.set()
+
+    def queued(fn, *args):  # a call handed to the model's thread while the packed one is paused
+        future = submit(fn, *args)
+        if inside.is_set():
+            go_on.set()
+        return future
+
+    monkeypatch.setattr(model, "_logits", paused)
+    monkeypatch.setattr(model.model, "forward", prompted_forward)
+    monkeypatch.setattr(model._owner, "submit", queued)
+    results = {}
+    packed_call = threading.Thread(target=lambda: results.update(packed=model.predict(pairs, activation_fn=IDENTITY)))
+    packed_call.start()
+    assert inside.wait(60)
+    prompted = model.predict(pairs, prompt=PROMPT, activation_fn=IDENTITY)
+    packed_call.join(60)
+    assert seen and all(s == (owner[0], own) for s in seen), (seen, owner, own)
+    want = tiny_cross_encoder.predict(pairs, prompt=PROMPT, activation_fn=IDENTITY)
+    assert_same_logits(prompted, want)
+    assert_same_logits(results["packed"], tiny_cross_encoder.predict(pairs, activation_fn=IDENTITY))
+    assert np.abs(want - results["packed"]).max() > 100 * TOL, "the prompt changes the scores"

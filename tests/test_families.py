@@ -202,3 +202,99 @@ def test_unsupported_sentence_transformers_head_is_refused(pairs, monkeypatch):
     with pytest.raises(UnsupportedModelError, match="Pooling mode 'max'"):
         family_of(ce)
     assert isinstance(UnsupportedModelError("x"), ValueError)  # scripts turn it into a one-line error
+
+
+# ---- decoders: no KV cache ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("family", ["qwen3-seq-cls", "qwen3-reranker", "modernbert", "bert"])
+def test_no_kv_cache_is_built(family, packed, pairs, monkeypatch):
+    """Qwen's forward takes use_cache from its config (True): every layer would copy its keys and values
+    into a DynamicCache nothing reads (about 1.9 GB at 16k tokens for Qwen3-0.6B). Encoders whose forward
+    has no use_cache (ModernBERT) are not given one."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    path, _, ref = reference(family, pairs)
+    model = load(path, packed=packed, compile=False)
+    base = model.family.base(model)
+    built, given, init, forward = [], [], DynamicCache.__init__, base.forward
+    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    monkeypatch.setattr(base, "forward", lambda *a, **k: given.append(k.get("use_cache", "not given")) or forward(*a, **k))
+    assert_same_logits(model.predict(pairs, activation_fn=IDENTITY, batch_size=8), ref)
+    takes = "use_cache" in inspect.signature(type(base).forward).parameters
+    assert takes is (family != "modernbert")
+    assert given and set(given) == {False if takes else "not given"} and built == []
+
+
+# ---- a generative reranker without a prompt template -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal_without_template(tmp_path_factory, pairs):
+    """The yes/no reranker twin with its chat template removed: CrossEncoder formats a pair as the two
+    texts, and an empty pair as no tokens at all."""
+    import json
+    import os
+    import shutil
+
+    path, *_ = reference("qwen3-reranker", pairs)
+    out = tmp_path_factory.mktemp("qwen3-reranker-no-template") / "model"
+    shutil.copytree(path, out)
+    for name in [n for n in os.listdir(out) if "chat_template" in n]:
+        os.remove(out / name)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    ce = CrossEncoder(str(out), device="cpu", local_files_only=True, model_kwargs={"dtype": torch.float32})
+    assert not ce.tokenizer.chat_template and [type(m).__name__ for m in ce] == ["Transformer", "LogitScore"]
+    return str(out), ce
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_causal_reranker_without_a_template_scores_like_cross_encoder(causal_without_template, packed, pairs):
+    """The tokenizer's start-up probe sends pairs to CrossEncoder's preprocess, which refuses the empty
+    one for this model: the probe skips it instead of making the model unusable."""
+    path, ce = causal_without_template
+    usable = [p for p in pairs if p[0] or p[1]]
+    assert len(usable) == len(pairs) - 1
+    ref = ce.predict(usable, activation_fn=IDENTITY, batch_size=reference_batch("qwen3-reranker"))
+    model = load(path, packed=packed, compile=False)
+    assert model.describe().endswith("host: tokenizers backend, each distinct text once)"), "matched on the others"
+    assert_same_logits(model.predict(usable, activation_fn=IDENTITY, batch_size=8), ref)
+    want = ce.preprocess([list(p) for p in usable])
+    got = model._encode(usable)
+    assert got.flat.tolist() == want["input_ids"].numpy()[want["attention_mask"].bool().numpy()].tolist()
+
+
+def test_an_empty_pair_is_refused_where_cross_encoder_refuses_it(causal_without_template, monkeypatch):
+    """Such a model encodes ("", "") as no tokens; CrossEncoder cannot score it (alone: IndexError; in a
+    batch: its left-padding check). The class raises a ValueError naming the pair, on every path: the
+    fast tokenization, and CrossEncoder's where it runs (its refusal of the call is traced to the pair;
+    a refusal for another reason comes through as it is)."""
+    path, ce = causal_without_template
+    with pytest.raises(IndexError):
+        ce.predict([["", ""]])
+    with pytest.raises(ValueError, match="left padding"):
+        ce.predict([["lorem", "ipsum"], ["", ""]])
+    model = load(path, compile=False)
+    empty = r"\(\['', ''\]\) has no tokens: .* CrossEncoder cannot score it either"
+    with pytest.raises(ValueError, match=r"inputs\[0\] " + empty):
+        model.predict([["", ""]])
+    many = [["lorem", "ipsum"]] * 300
+    many[280] = ["", ""]  # in the second chunk the tokenizer encodes (pair_tokenizer.chunk_bounds)
+    with pytest.raises(ValueError, match=r"inputs\[280\] " + empty):
+        model.predict(many)
+    with pytest.raises(ValueError, match=r"inputs\[1\] " + empty):
+        model.encode_pairs([["lorem", ""], ["", ""]])
+    tokenizer = model._pair_tokenizer()
+    monkeypatch.setattr(tokenizer, "fallback_reason", "CrossEncoder's tokenization, asked for")
+    with pytest.raises(ValueError, match=r"inputs\[280\] " + empty):
+        model.predict(many)
+    error = RuntimeError("refused for another reason")
+    monkeypatch.setattr(tokenizer, "reference", lambda pairs: (_ for _ in ()).throw(error))
+    with pytest.raises(RuntimeError) as raised:
+        model.predict([["lorem", "ipsum"]])
+    assert raised.value is error
